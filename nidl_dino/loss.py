@@ -1,0 +1,159 @@
+"""The DINO loss: cross-entropy between centred, sharpened teacher outputs and student outputs."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class DINOLoss(nn.Module):
+    """DINO loss (Caron et al., ICCV 2021), with the interface of nidl's ``DINOLoss``.
+
+    For teacher outputs ``t_i`` (the global views) and student outputs ``s_j`` (all views), the
+    loss is the mean over all pairs ``(i, j)`` with ``i != j`` of the batch-mean cross-entropy::
+
+        -sum_k softmax((t_i - center) / T_t)_k * log_softmax(s_j / T_s)_k
+
+    The teacher temperature ``T_t`` warms up linearly over the first ``warmup_teacher_temp_epochs``
+    epochs. ``center`` is an exponential moving average of the teacher outputs: it is used in the
+    loss before being updated with the current batch.
+
+    Args:
+        output_dim: K, the number of prototypes (the projection head's ``output_dim``).
+        warmup_teacher_temp: teacher temperature at epoch 0.
+        teacher_temp: teacher temperature after the warm-up.
+        warmup_teacher_temp_epochs: number of epochs of the linear warm-up (0: none).
+        student_temp: student temperature.
+        center_momentum: EMA coefficient of the centre.
+
+    Attributes:
+        center: buffer of shape (1, 1, K), zeros at construction.
+        teacher_temp_schedule: 1-D tensor of length ``warmup_teacher_temp_epochs``, linear from
+            ``warmup_teacher_temp`` to ``teacher_temp`` (``torch.linspace``).
+
+    Example:
+        >>> loss_fn = DINOLoss(output_dim=16, warmup_teacher_temp_epochs=2)
+        >>> teacher, student = torch.randn(2, 4, 16), torch.randn(6, 4, 16)
+        >>> loss = loss_fn(teacher, student, epoch=0)  # scalar; the centre moves once
+    """
+
+    def __init__(
+        self,
+        output_dim: int,
+        warmup_teacher_temp: float = 0.04,
+        teacher_temp: float = 0.07,
+        warmup_teacher_temp_epochs: int = 30,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+    ):
+        super().__init__()
+        if int(output_dim) < 1:
+            raise ValueError(f"DINOLoss: output_dim must be >= 1, got {output_dim}")
+        if int(warmup_teacher_temp_epochs) < 0:
+            raise ValueError(
+                f"DINOLoss: warmup_teacher_temp_epochs must be >= 0, got {warmup_teacher_temp_epochs}"
+            )
+        for name, value in (
+            ("warmup_teacher_temp", warmup_teacher_temp),
+            ("teacher_temp", teacher_temp),
+            ("student_temp", student_temp),
+        ):
+            if not value > 0:
+                raise ValueError(f"DINOLoss: {name} must be > 0, got {value}")
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"DINOLoss: center_momentum must be in [0, 1], got {center_momentum}")
+        self.output_dim = int(output_dim)
+        self.warmup_teacher_temp = float(warmup_teacher_temp)
+        self.teacher_temp = float(teacher_temp)
+        self.warmup_teacher_temp_epochs = int(warmup_teacher_temp_epochs)
+        self.student_temp = float(student_temp)
+        self.center_momentum = float(center_momentum)
+        self.register_buffer("center", torch.zeros(1, 1, self.output_dim))
+        self.teacher_temp_schedule = torch.linspace(
+            self.warmup_teacher_temp, self.teacher_temp, self.warmup_teacher_temp_epochs
+        )
+
+    def teacher_temperature(self, epoch: int | None = None) -> float:
+        """Teacher temperature at ``epoch`` (None: the final temperature)."""
+        if epoch is not None and 0 <= epoch < self.warmup_teacher_temp_epochs:
+            return float(self.teacher_temp_schedule[epoch])
+        return self.teacher_temp
+
+    def forward(
+        self,
+        teacher_out: torch.Tensor,
+        student_out: torch.Tensor,
+        epoch: int | None = None,
+        update_center: bool = True,
+    ) -> torch.Tensor:
+        """Compute the loss, then update the centre with ``teacher_out``.
+
+        Args:
+            teacher_out: (n_global_views, B, K) teacher head outputs.
+            student_out: (n_views, B, K) student head outputs; the first n_global_views views are
+                the teacher's views, in the same order.
+            epoch: current epoch for the teacher-temperature warm-up; None means ``teacher_temp``.
+            update_center: set False to leave the centre untouched (used by validation; an
+                addition to nidl's interface).
+
+        Returns:
+            The scalar loss.
+
+        Raises:
+            ValueError: if the shapes are inconsistent.
+        """
+        if teacher_out.ndim != 3 or student_out.ndim != 3:
+            raise ValueError(
+                "DINOLoss expects teacher_out (n_global_views, B, K) and student_out "
+                f"(n_views, B, K), got {tuple(teacher_out.shape)} and {tuple(student_out.shape)}"
+            )
+        n_global, batch, k = teacher_out.shape
+        if student_out.shape[1:] != (batch, k) or student_out.shape[0] < n_global:
+            raise ValueError(
+                f"DINOLoss: student_out {tuple(student_out.shape)} does not match teacher_out "
+                f"{tuple(teacher_out.shape)}: it needs the same B and K and at least the "
+                "teacher's global views first"
+            )
+        if k != self.output_dim:
+            raise ValueError(f"DINOLoss: expected K={self.output_dim} outputs, got {k}")
+        n_views = student_out.shape[0]
+        if n_views * n_global - n_global < 1:
+            raise ValueError("DINOLoss needs at least one (teacher, student) pair with i != j")
+
+        # Computed in float32 whatever the autocast dtype: the temperatures sharpen the logits
+        # by 10-25x, which half precision does not represent well.
+        temp = self.teacher_temperature(epoch)
+        teacher_probs = F.softmax((teacher_out.detach().float() - self.center) / temp, dim=-1)
+        student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
+        # cross[i, j] = mean over the batch of -sum_k p_t(i) log p_s(j)
+        cross = -torch.einsum("ibk,jbk->ij", teacher_probs, student_logp) / batch
+        same_view = torch.eye(n_global, n_views, dtype=torch.bool, device=cross.device)
+        loss = cross.masked_select(~same_view).mean()
+        if update_center:
+            self.update_center(teacher_out)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_out: torch.Tensor) -> None:
+        """EMA update of the centre with the mean teacher output over views and batch.
+
+        Under ``torch.distributed`` the batch centre is averaged over processes (sum / world
+        size), so every rank keeps the same centre.
+
+        Args:
+            teacher_out: (n_global_views, B, K) teacher head outputs.
+        """
+        batch_center = teacher_out.detach().float().mean(dim=(0, 1), keepdim=True)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_center)
+            batch_center = batch_center / dist.get_world_size()
+        self.center.mul_(self.center_momentum).add_(batch_center * (1.0 - self.center_momentum))
+
+    def extra_repr(self) -> str:
+        return (
+            f"output_dim={self.output_dim}, teacher_temp={self.warmup_teacher_temp}"
+            f"->{self.teacher_temp} over {self.warmup_teacher_temp_epochs} epochs, "
+            f"student_temp={self.student_temp}, center_momentum={self.center_momentum}"
+        )
