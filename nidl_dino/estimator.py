@@ -314,7 +314,10 @@ class DINO(TransformerMixin, BaseEstimator):
         z_teacher = self.forward_teacher(views)
         loss = self.loss(z_teacher, z_student, epoch=self.current_epoch)
         batch_size = views[0].shape[0]
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
+        self.log(
+            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
+            batch_size=batch_size,
+        )
         self.log(
             "train/teacher_temp",
             self.loss.teacher_temperature(self.current_epoch),
