@@ -173,6 +173,7 @@ def cohort_table(
     qc: pd.DataFrame,
     feature_tables: Sequence[str | os.PathLike],
     participants: pd.DataFrame | None = None,
+    sessions: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per input scan: ids, status, reason, participants.tsv columns, features.
 
@@ -180,18 +181,22 @@ def cohort_table(
         qc: the QC table (``participant_id``, ``session_id``, ``status``, ``reason``, ...).
         feature_tables: per-scan feature TSVs written by :func:`write_subject_tables`.
         participants: the participants table (``participant_id`` plus phenotypes), or None.
+        sessions: the sessions.tsv rows (``participant_id``, ``session_id``, ...), or None.
 
     Returns:
-        The cohort table; features are empty (NaN) for excluded scans.
+        The cohort table, in QC-table order; features are empty (NaN) for excluded scans.
     """
+    from nidl_dino.participants import merge_participants
+
     ids = ["participant_id", "session_id"]
     base = qc[ids + ["status", "reason"]].copy()
     base["session_id"] = base["session_id"].fillna("").astype(str)
-    if participants is not None and len(participants.columns) > 1:
-        extra = participants.drop_duplicates("participant_id")
-        extra = extra[[c for c in extra.columns if c not in ("session_id", "status", "reason")]]
-        base = base.merge(extra, on="participant_id", how="left")
-    frames = [pd.read_csv(p, sep="\t", dtype={"session_id": str}) for p in feature_tables]
+    if participants is not None:
+        base = merge_participants(base, participants, sessions)
+    frames = [
+        pd.read_csv(p, sep="\t", dtype={"participant_id": str, "session_id": str})
+        for p in feature_tables
+    ]
     if frames:
         feats = pd.concat(frames, ignore_index=True)
         feats["session_id"] = feats["session_id"].fillna("").astype(str)
@@ -219,3 +224,102 @@ def _plain_spec(spec: Any) -> dict[str, Any]:
             "the encoder cannot be saved by reference: use a registry name or an importable class"
         )
     return {"name": path, "kwargs": {}}
+
+
+def extract_cohort(
+    teacher_path: str | os.PathLike,
+    qc: pd.DataFrame,
+    preproc_dir: str | os.PathLike,
+    manifest_path: str | os.PathLike,
+    config: Mapping[str, Any],
+) -> pd.DataFrame:
+    """Extract features of every scan that passed QC and write one table per scan.
+
+    One model load and batched inference for the whole cohort; the tables go next to
+    ``manifest_path`` (``<scan_id>.tsv``). The manifest (scan_id, participant_id, session_id,
+    table) is written last, so a run killed before the end leaves no manifest and is redone.
+    Tables listed in a previous manifest but no longer produced (a scan now excluded) are
+    removed, so no stale features survive.
+
+    Args:
+        teacher_path: file written by :func:`save_teacher`.
+        qc: the QC table (scan_id, participant_id, session_id, status, ...).
+        preproc_dir: the workflow's preprocessing folder.
+        manifest_path: the manifest to write.
+        config: the ``extract:`` section plus ``trainer`` (accelerator, precision).
+
+    Returns:
+        The manifest.
+    """
+    from nidl_dino.tables import ok_scans, preprocessed_volume
+
+    out_dir = Path(manifest_path).parent
+    previous = _read_manifest(manifest_path)
+    scans = ok_scans(qc)
+    trainer = config.get("trainer", {}) or {}
+    encoder, info = load_teacher(teacher_path)
+    features = extract_features(
+        encoder,
+        [str(preprocessed_volume(preproc_dir, s)) for s in scans["scan_id"]],
+        batch_size=int(config.get("batch_size", 4)),
+        num_workers=int(config.get("num_workers", 0)),
+        accelerator=str(trainer.get("accelerator", "auto")),
+        precision=trainer.get("precision", "32-true"),
+    )
+    if not np.isfinite(features).all():
+        raise UserError(
+            f"the teacher in {teacher_path} produced non-finite features: training diverged; "
+            "lower dino.learning_rate or set dino.clip_grad and re-train"
+        )
+    tables = write_subject_tables(features, scans, out_dir, info["model_id"])
+    manifest = scans[["scan_id", "participant_id", "session_id"]].copy()
+    manifest["table"] = [p.name for p in tables]
+    manifest["model_id"] = info["model_id"]
+    for name in set(previous) - set(manifest["table"]):
+        (out_dir / name).unlink(missing_ok=True)
+    write_table_atomic(manifest, manifest_path)
+    return manifest
+
+
+def _read_manifest(path: str | os.PathLike) -> list[str]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        return list(pd.read_csv(path, sep="\t")["table"].dropna().astype(str))
+    except (ValueError, KeyError, pd.errors.ParserError):
+        return []
+
+
+def build_cohort(
+    manifest_path: str | os.PathLike,
+    qc_path: str | os.PathLike,
+    inputs_config: Mapping[str, Any],
+    out_tsv: str | os.PathLike,
+    out_parquet: str | os.PathLike,
+) -> pd.DataFrame:
+    """Write ``features/cohort.tsv`` and ``.parquet``: one row per input scan.
+
+    Columns: participant_id, session_id, status, reason, the participants.tsv (and
+    sessions.tsv) columns, model_id and the features (empty for excluded scans).
+    """
+    from nidl_dino.inputs import participants_tsv_path
+    from nidl_dino.participants import read_participants, read_sessions
+    from nidl_dino.tables import read_qc_table
+
+    qc = read_qc_table(qc_path)
+    manifest = pd.read_csv(manifest_path, sep="\t", dtype=str, keep_default_na=False)
+    tables = [Path(manifest_path).parent / name for name in manifest["table"]]
+    participants_file = participants_tsv_path(
+        {"bids_dir": inputs_config.get("bids_dir"), **(inputs_config.get("inputs") or {})}
+    )
+    participants = read_participants(participants_file) if participants_file else None
+    sessions = None
+    bids_dir = inputs_config.get("bids_dir")
+    if participants is not None and bids_dir:
+        sessions = read_sessions(bids_dir, participants["participant_id"])
+        sessions = sessions if len(sessions) else None
+    table = cohort_table(qc, tables, participants, sessions)
+    write_table_atomic(table, out_tsv)
+    write_table_atomic(table, out_parquet)
+    return table

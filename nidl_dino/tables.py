@@ -74,3 +74,18 @@ def read_qc_table(path: str | os.PathLike) -> pd.DataFrame:
     for column in ("session_id", "reason"):
         table[column] = table[column].fillna("").astype(str)
     return table
+
+
+def preprocessed_volume(preproc_dir: str | os.PathLike, scan_id: str) -> Path:
+    """Path of a scan's preprocessed volume in the workflow's layout."""
+    return Path(preproc_dir) / scan_id / f"{scan_id}_desc-preproc_T1w.nii.gz"
+
+
+def ok_scans(qc: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the QC table whose status is ``ok``, in table order."""
+    return qc[qc["status"] == "ok"].reset_index(drop=True)
+
+
+def ok_volumes(qc: pd.DataFrame, preproc_dir: str | os.PathLike) -> list[str]:
+    """Preprocessed volumes of the scans that passed QC, in QC-table order."""
+    return [str(preprocessed_volume(preproc_dir, s)) for s in ok_scans(qc)["scan_id"]]

@@ -1,0 +1,51 @@
+# nidl-dino: brain MRI (BIDS) -> preprocessing -> DINO training -> per-subject feature tables.
+# Thin on purpose: the logic lives in the nidl_dino package; rules are in pipeline/rules/.
+import sys
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+# The checkout's package is importable by the rules' scripts without installation, so the
+# conda environments (--use-conda) only need the dependencies.
+sys.path.insert(0, workflow.basedir)
+from nidl_dino.errors import UserError
+from nidl_dino.inputs import scan_id_wildcard_constraint
+from nidl_dino.workflow import check_config, discover, ensure_demo_data, fail
+
+SCHEMA = f"{workflow.basedir}/pipeline/schemas/config.schema.yaml"
+try:
+    check_config(config, SCHEMA)  # one-line messages for the user
+    validate(config, SCHEMA)  # fills the schema's defaults
+    ensure_demo_data(config)
+    SCANS = discover(config)
+except UserError as err:
+    fail(str(err))
+
+OUT = config["output_dir"]
+SCAN_IDS = list(SCANS["scan_id"])
+SCAN_PATHS = dict(zip(SCANS["scan_id"], SCANS["path"]))
+
+
+wildcard_constraints:
+    scan=scan_id_wildcard_constraint(),
+
+
+include: "pipeline/rules/preprocess.smk"
+include: "pipeline/rules/train.smk"
+include: "pipeline/rules/extract.smk"
+include: "pipeline/rules/tables.smk"
+
+
+rule all:
+    input:
+        f"{OUT}/qc/qc.tsv",
+        f"{OUT}/model/teacher.pt",
+        f"{OUT}/model/training_curves.png",
+        f"{OUT}/features/cohort.tsv",
+        f"{OUT}/features/cohort.parquet",
+    default_target: True

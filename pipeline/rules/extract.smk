@@ -1,0 +1,26 @@
+# Feature extraction: one batched job (one model load) for the whole cohort, which writes one
+# table per scan (features/<scan_id>.tsv) and a manifest of them. Excluded scans get no table.
+
+
+rule extract:
+    input:
+        teacher=f"{OUT}/model/teacher.pt",
+        qc=f"{OUT}/qc/qc.tsv",
+        volumes=expand(f"{OUT}/preproc/{{scan}}", scan=SCAN_IDS),
+    output:
+        manifest=f"{OUT}/features/manifest.tsv",
+    log:
+        f"{OUT}/logs/extract.log",
+    params:
+        scans=SCANS[["scan_id", "participant_id", "session_id"]].to_dict("records"),
+        config=lambda wc: {**config["extract"], "trainer": config["trainer"]},
+        preproc_dir=f"{OUT}/preproc",
+    threads: max(1, config["extract"]["num_workers"])
+    resources:
+        gpu=config["resources"]["extract"]["gpu"],
+        mem_mb=config["resources"]["extract"]["mem_mb"],
+        runtime=config["resources"]["extract"]["runtime"],
+    conda:
+        "../../envs/dino.yaml"
+    script:
+        "../scripts/extract.py"

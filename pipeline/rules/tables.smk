@@ -1,0 +1,18 @@
+# The cohort table: every input scan, its status and reason, participants.tsv, its features.
+
+
+rule cohort:
+    input:
+        manifest=f"{OUT}/features/manifest.tsv",
+        qc=f"{OUT}/qc/qc.tsv",
+    output:
+        tsv=f"{OUT}/features/cohort.tsv",
+        parquet=f"{OUT}/features/cohort.parquet",
+    log:
+        f"{OUT}/logs/cohort.log",
+    params:
+        inputs=lambda wc: {k: config.get(k) for k in ("bids_dir", "inputs")},
+    conda:
+        "../../envs/tables.yaml"
+    script:
+        "../scripts/cohort.py"

@@ -1,0 +1,27 @@
+# Training: one job on the scans that passed QC. Checkpoints and logs go to model/work/, which is
+# not a declared output: Snakemake keeps it when a killed job is re-run, and training resumes
+# from model/work/checkpoints/last.ckpt.
+
+
+rule train:
+    input:
+        qc=f"{OUT}/qc/qc.tsv",
+        volumes=expand(f"{OUT}/preproc/{{scan}}", scan=SCAN_IDS),
+    output:
+        teacher=f"{OUT}/model/teacher.pt",
+        curves=f"{OUT}/model/training_curves.png",
+        summary=f"{OUT}/model/training_summary.json",
+    log:
+        f"{OUT}/logs/train.log",
+    params:
+        work=f"{OUT}/model/work",
+        config=lambda wc: {k: config[k] for k in ("seed", "encoder", "views", "data", "dino", "trainer")},
+    threads: max(1, config["data"]["num_workers"])
+    resources:
+        gpu=config["resources"]["train"]["gpu"],
+        mem_mb=config["resources"]["train"]["mem_mb"],
+        runtime=config["resources"]["train"]["runtime"],
+    conda:
+        "../../envs/dino.yaml"
+    script:
+        "../scripts/train.py"
