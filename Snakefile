@@ -1,5 +1,6 @@
 # nidl-dino: brain MRI (BIDS) -> preprocessing -> DINO training -> per-subject feature tables.
 # Thin on purpose: the logic lives in the nidl_dino package; rules are in pipeline/rules/.
+import os
 import sys
 
 from snakemake.utils import min_version, validate
@@ -7,7 +8,8 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# config.yaml of this checkout is the base; --configfile/--config overlay it.
+configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 # The checkout's package is importable by the rules' scripts without installation, so the
@@ -42,10 +44,10 @@ include: "pipeline/rules/tables.smk"
 
 
 rule all:
+    default_target: True
     input:
         f"{OUT}/qc/qc.tsv",
         f"{OUT}/model/teacher.pt",
         f"{OUT}/model/training_curves.png",
         f"{OUT}/features/cohort.tsv",
         f"{OUT}/features/cohort.parquet",
-    default_target: True

@@ -52,7 +52,7 @@ def check_config(config: Mapping[str, Any], schema_path: str | os.PathLike) -> N
     import jsonschema
 
     schema = yaml.safe_load(Path(schema_path).read_text())
-    validator = jsonschema.Draft7Validator(schema)
+    validator = jsonschema.Draft202012Validator(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is None:
         return

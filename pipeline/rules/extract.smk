@@ -11,16 +11,16 @@ rule extract:
         manifest=f"{OUT}/features/manifest.tsv",
     log:
         f"{OUT}/logs/extract.log",
-    params:
-        scans=SCANS[["scan_id", "participant_id", "session_id"]].to_dict("records"),
-        config=lambda wc: {**config["extract"], "trainer": config["trainer"]},
-        preproc_dir=f"{OUT}/preproc",
+    conda:
+        "../../envs/dino.yaml"
     threads: max(1, config["extract"]["num_workers"])
     resources:
         gpu=config["resources"]["extract"]["gpu"],
         mem_mb=config["resources"]["extract"]["mem_mb"],
         runtime=config["resources"]["extract"]["runtime"],
-    conda:
-        "../../envs/dino.yaml"
+    params:
+        scans=SCANS[["scan_id", "participant_id", "session_id"]].to_dict("records"),
+        config=lambda wc: {**config["extract"], "trainer": config["trainer"]},
+        preproc_dir=lambda wc, input: os.path.dirname(input.volumes[0]),
     script:
         "../scripts/extract.py"

@@ -9,15 +9,17 @@ rule preprocess:
         directory(f"{OUT}/preproc/{{scan}}"),
     log:
         f"{OUT}/logs/preprocess/{{scan}}.log",
-    params:
-        config=config["preprocessing"],
-        ids=lambda wc: SCANS.set_index("scan_id").loc[wc.scan, ["participant_id", "session_id"]].to_dict(),
+    conda:
+        "../../envs/preprocess.yaml"
     threads: 1
     resources:
         mem_mb=config["resources"]["preprocess"]["mem_mb"],
         runtime=config["resources"]["preprocess"]["runtime"],
-    conda:
-        "../../envs/preprocess.yaml"
+    params:
+        config=config["preprocessing"],
+        ids=lambda wc: SCANS.set_index("scan_id")
+        .loc[wc.scan, ["participant_id", "session_id"]]
+        .to_dict(),
     script:
         "../scripts/preprocess.py"
 

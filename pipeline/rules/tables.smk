@@ -10,9 +10,9 @@ rule cohort:
         parquet=f"{OUT}/features/cohort.parquet",
     log:
         f"{OUT}/logs/cohort.log",
-    params:
-        inputs=lambda wc: {k: config.get(k) for k in ("bids_dir", "inputs")},
     conda:
         "../../envs/tables.yaml"
+    params:
+        inputs=lambda wc: {k: config.get(k) for k in ("bids_dir", "inputs")},
     script:
         "../scripts/cohort.py"

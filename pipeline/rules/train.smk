@@ -13,15 +13,18 @@ rule train:
         summary=f"{OUT}/model/training_summary.json",
     log:
         f"{OUT}/logs/train.log",
-    params:
-        work=f"{OUT}/model/work",
-        config=lambda wc: {k: config[k] for k in ("seed", "encoder", "views", "data", "dino", "trainer")},
+    conda:
+        "../../envs/dino.yaml"
     threads: max(1, config["data"]["num_workers"])
     resources:
         gpu=config["resources"]["train"]["gpu"],
         mem_mb=config["resources"]["train"]["mem_mb"],
         runtime=config["resources"]["train"]["runtime"],
-    conda:
-        "../../envs/dino.yaml"
+    params:
+        work=f"{OUT}/model/work",
+        config=lambda wc: {
+            k: config[k]
+            for k in ("seed", "encoder", "views", "data", "dino", "trainer")
+        },
     script:
         "../scripts/train.py"
