@@ -1,0 +1,190 @@
+"""Workflow tests that need no real data: DAG, lint, formatting, profiles, schema, envs."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from importlib.metadata import version
+
+import pytest
+import yaml
+from workflow_helpers import REPO, snakemake, tiny_bids
+
+
+def _jobs(stdout: str) -> dict[str, int]:
+    table = re.search(r"Job stats:\njob\s+count\n[- ]+\n(.*?)\ntotal", stdout, re.S)
+    assert table, stdout
+    return {name: int(n) for name, n in (line.split() for line in table.group(1).splitlines())}
+
+
+@pytest.fixture
+def bids(tmp_path):
+    return tiny_bids(tmp_path / "bids", subjects=("01", "02", "03"))
+
+
+def test_dry_run_dag_without_sessions(tmp_path, bids):
+    res = snakemake(
+        tmp_path, "-n", "--cores", "1", "--config", f"bids_dir={bids}", "output_dir=out"
+    )
+    assert res.returncode == 0, res.stderr
+    jobs = _jobs(res.stdout)
+    assert jobs == {"preprocess": 3, "qc_table": 1, "train": 1, "extract": 1, "cohort": 1, "all": 1}
+    assert "out/preproc/sub-02" in res.stdout
+    assert not (REPO / "out").exists()
+
+
+def test_dry_run_dag_with_sessions(tmp_path):
+    bids = tiny_bids(tmp_path / "bids", subjects=("01", "02"), sessions=("1", "2"))
+    res = snakemake(
+        tmp_path, "-n", "--cores", "1", "--config", f"bids_dir={bids}", "output_dir=out"
+    )
+    assert res.returncode == 0, res.stderr
+    assert _jobs(res.stdout)["preprocess"] == 4
+    assert "out/preproc/sub-02_ses-2" in res.stdout
+    # a session filter from the command line
+    res = snakemake(
+        tmp_path,
+        "-n",
+        "--cores",
+        "1",
+        "--config",
+        f"bids_dir={bids}",
+        "output_dir=out",
+        "inputs={'sessions': ['2']}",
+    )
+    assert res.returncode == 0, res.stderr
+    assert _jobs(res.stdout)["preprocess"] == 2
+
+
+def test_lint_is_clean(tmp_path, bids):
+    res = snakemake(tmp_path, "--lint", "--config", f"bids_dir={bids}", "output_dir=out")
+    assert res.returncode == 0, res.stderr
+    assert "Congratulations, your workflow is in a good condition!" in res.stdout + res.stderr
+
+
+def test_snakefmt_check():
+    files = [str(REPO / "Snakefile"), *map(str, sorted((REPO / "pipeline/rules").glob("*.smk")))]
+    res = subprocess.run(
+        [sys.executable, "-m", "snakefmt", "--check", *files], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        (["trainer={'max_epochs': 'ten'}"], "config key 'trainer.max_epochs' = 'ten' is invalid"),
+        (["dino={'learnin_rate': 0.1}"], "unknown key 'dino.learnin_rate'"),
+        (["data={'cache': 'ram'}"], "config key 'data.cache' = 'ram' is invalid"),
+        (["bids_dir=/nonexistent/bids"], "bids_dir '/nonexistent/bids' does not exist"),
+    ],
+)
+def test_config_errors_are_one_line_before_any_job(tmp_path, bids, override, expected):
+    args = ["-n", "--cores", "1", "--config", f"bids_dir={bids}", "output_dir=out", *override]
+    res = snakemake(tmp_path, *args)
+    assert res.returncode == 2
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("nidl-dino: error:")]
+    assert len(errors) == 1 and expected in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_t1w_found_is_one_line(tmp_path):
+    empty = tmp_path / "empty_bids"
+    (empty / "sub-01" / "anat").mkdir(parents=True)
+    res = snakemake(tmp_path, "-n", "--cores", "1", "--config", f"bids_dir={empty}", "output_dir=o")
+    assert res.returncode == 2
+    assert "nidl-dino: error:" in res.stderr and "T1w" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_user_configfile_overlay(tmp_path, bids):
+    overlay = tmp_path / "my_study.yaml"
+    overlay.write_text(
+        yaml.safe_dump({"bids_dir": str(bids), "output_dir": "study", "trainer": {"max_epochs": 2}})
+    )
+    res = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(overlay))
+    assert res.returncode == 0, res.stderr
+    assert "study/preproc/sub-01" in res.stdout
+
+
+def _profile(name: str) -> dict:
+    return yaml.safe_load((REPO / "profiles" / name / "config.v8+.yaml").read_text())
+
+
+def test_profiles_name_valid_options():
+    from snakemake.cli import get_argument_parser
+
+    parser = get_argument_parser()
+    known = {opt.lstrip("-") for action in parser._actions for opt in action.option_strings}
+    for name in ("local", "slurm"):
+        for key in _profile(name):
+            assert key in known, f"profiles/{name}: unknown option {key}"
+    slurm = _profile("slurm")
+    assert slurm["executor"] == "slurm"
+    resource_names = {
+        "gpu",
+        "tasks_per_gpu",
+        "cpus_per_task",
+        "mem_mb",
+        "runtime",
+        "slurm_partition",
+        "slurm_account",
+        "slurm_extra",
+        "constraint",
+        "qos",
+        "gres",
+        "gpu_model",
+    }
+    for rule, resources in slurm["set-resources"].items():
+        assert set(resources) <= resource_names, rule
+    assert slurm["set-resources"]["train"]["gpu"] == 1
+    assert slurm["set-resources"]["extract"]["gpu"] == 1
+    assert set(slurm["default-resources"]) <= resource_names
+
+
+def test_slurm_profile_dry_run_through_the_plugin(tmp_path, bids):
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    profile = tmp_path / "slurm_profile"
+    profile.mkdir()
+    settings = _profile("slurm")
+    settings.pop("software-deployment-method")  # no conda here; --use-conda is tested apart
+    (profile / "config.v8+.yaml").write_text(yaml.safe_dump(settings))
+    res = snakemake(
+        tmp_path, "-n", "--profile", str(profile), "--config", f"bids_dir={bids}", "output_dir=o"
+    )
+    assert res.returncode == 0, res.stderr
+    assert _jobs(res.stdout)["train"] == 1
+
+
+@pytest.mark.parametrize("env_file", sorted((REPO / "envs").glob("*.yaml")), ids=lambda p: p.name)
+def test_conda_envs_are_valid_and_pinned_to_tested_versions(env_file):
+    env = yaml.safe_load(env_file.read_text())
+    assert set(env) == {"name", "channels", "dependencies"}
+    assert "conda-forge" in env["channels"]
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    for requirement in pip:
+        name, _, pinned = requirement.partition("==")
+        assert pinned, f"{env_file.name}: {requirement} is not pinned"
+        installed = version(name).split("+")[0]
+        assert installed == pinned, f"{env_file.name}: {name} {pinned} but tests use {installed}"
+
+
+def test_every_rule_with_a_script_has_a_conda_env():
+    for smk in (REPO / "pipeline/rules").glob("*.smk"):
+        text = smk.read_text()
+        for rule in re.split(r"\nrule ", text)[1:]:
+            if "script:" in rule:
+                env = re.search(r'conda:\s*\n\s*"([^"]+)"', rule)
+                assert env, f"{smk.name}: rule {rule.split(':')[0]} has no conda env"
+                assert (smk.parent / env.group(1)).resolve().is_file()
+
+
+def test_use_conda_dry_run_lists_envs(tmp_path, bids):
+    if shutil.which("conda") is None:
+        pytest.skip("conda is not installed here; env files are checked above")
+    res = snakemake(tmp_path, "-n", "--use-conda", "--cores", "1", "--config", f"bids_dir={bids}")
+    assert res.returncode == 0, res.stderr
