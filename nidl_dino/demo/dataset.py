@@ -1,0 +1,356 @@
+"""Write the demo cohort as a BIDS dataset: demographics, scans, deliberately bad scans, tables."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from nidl_dino.demo import anatomy as anat
+from nidl_dino.demo import scanner
+from nidl_dino.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+GENERATOR_NAME = "nidl_dino.demo"
+MANIFEST_NAME = "demo_manifest.tsv"
+BAD_KINDS = ("truncated", "empty", "noise", "nan")
+AGE_RANGE = (20.0, 80.0)
+SESSION_GAP_YEARS = (1.0, 3.0)
+PARTICIPANT_COLUMNS = ("participant_id", "age", "sex", "site")
+
+# Spawn keys of the random streams: cohort design, subject anatomy, one scan.
+_COHORT, _SUBJECT, _SCAN = 0, 1, 2
+
+
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
+
+
+def design_cohort(
+    n_subjects: int,
+    seed: int,
+    sites: Sequence[scanner.SiteProtocol],
+    n_bad: int,
+    bad_kinds: Sequence[str],
+) -> pd.DataFrame:
+    """Draw the cohort's demographics and choose its bad scans.
+
+    Site and sex are balanced in blocks: every run of ``2 * len(sites)`` consecutive subjects holds
+    each (site, sex) pair once, in random order. Ages are stratified: one per ``60 / n`` year bin of
+    20-80, randomly assigned, so age is independent of site and sex by design.
+
+    Returns:
+        One row per subject: ``participant_id``, ``age`` (years, 0.1 precision), ``sex`` (M/F),
+        ``site``, ``bad_scan`` (a kind of :data:`BAD_KINDS`, or empty).
+    """
+    rng = _rng(seed, _COHORT)
+    cells = [(s.name, sex) for s in sites for sex in ("F", "M")]
+    order: list[tuple[str, str]] = []
+    while len(order) < n_subjects:
+        order.extend(cells[j] for j in rng.permutation(len(cells)))
+    lo, hi = AGE_RANGE
+    ages = (
+        lo + (hi - lo) * (rng.permutation(n_subjects) + rng.uniform(size=n_subjects)) / n_subjects
+    )
+    bad = np.sort(rng.choice(n_subjects, size=n_bad, replace=False)) if n_bad else []
+    kinds = [""] * n_subjects
+    for j, i in enumerate(bad):
+        kinds[int(i)] = bad_kinds[j % len(bad_kinds)]
+    width = max(3, len(str(n_subjects)))
+    return pd.DataFrame(
+        {
+            "participant_id": [f"sub-{i + 1:0{width}d}" for i in range(n_subjects)],
+            "age": np.round(ages, 1),
+            "sex": [sex for _, sex in order[:n_subjects]],
+            "site": [site for site, _ in order[:n_subjects]],
+            "bad_scan": kinds,
+        }
+    )
+
+
+def _bad_image(
+    kind: str, site: scanner.SiteProtocol, rng: np.random.Generator, good: nib.Nifti1Image
+) -> bytes:
+    """The ``.nii.gz`` bytes of a bad scan of ``kind`` at ``site``.
+
+    ``truncated``: the first 40 % of the gzip stream of a good scan (header readable, data not);
+    ``empty``: all zeros; ``noise``: Rician noise with no anatomy; ``nan``: float32, all NaN.
+    """
+    shape, affine = site.grid()
+    descrip = f"nidl-dino demo {site.name}"
+    if kind == "truncated":
+        data = scanner.nifti_gz_bytes(good)
+        return data[: int(0.4 * len(data))]
+    if kind == "empty":
+        img = scanner.to_nifti(np.zeros(shape, np.float32), affine, site.dtype, descrip)
+    elif kind == "noise":
+        sigma = 0.3 * site.white_matter_value
+        noise = np.hypot(rng.standard_normal(shape), rng.standard_normal(shape)) * sigma
+        img = scanner.to_nifti(noise.astype(np.float32) + site.offset, affine, site.dtype, descrip)
+    elif kind == "nan":
+        img = scanner.to_nifti(np.full(shape, np.nan, np.float32), affine, "float32", descrip)
+    else:
+        raise ValueError(f"bad scan kind {kind!r} not in {BAD_KINDS}")
+    return scanner.nifti_gz_bytes(img)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8", newline="\n")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    _write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _write_tsv(path: Path, table: pd.DataFrame) -> None:
+    _write_text(path, table.to_csv(sep="\t", index=False, lineterminator="\n", na_rep="n/a"))
+
+
+def is_demo_dataset(path: Path) -> bool:
+    """Whether ``path`` holds a dataset written by :func:`make_demo_dataset`."""
+    try:
+        desc = json.loads((Path(path) / "dataset_description.json").read_text(encoding="utf-8"))
+        return desc["GeneratedBy"][0]["Name"] == GENERATOR_NAME
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return False
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse an ``out`` that exists and is neither an empty directory nor an earlier demo."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; choose another output path")
+    if not is_demo_dataset(out) and any(out.iterdir()):
+        raise UserError(
+            f"{out}: exists, is not empty and is not a nidl-dino demo dataset; "
+            "choose a new or empty directory"
+        )
+
+
+def _move_into_place(partial: Path, out: Path) -> None:
+    """Replace ``out`` (absent, empty, or an earlier demo) by the finished ``partial`` tree."""
+    if out.exists():
+        if is_demo_dataset(out):
+            shutil.rmtree(out)
+        else:
+            out.rmdir()
+    partial.rename(out)
+
+
+def _describe(
+    out: Path,
+    sites: Sequence[scanner.SiteProtocol],
+    call: str,
+    sessions: bool,
+) -> None:
+    from nidl_dino import __version__
+
+    _write_json(
+        out / "dataset_description.json",
+        {
+            "Name": "nidl-dino synthetic T1w demo cohort",
+            "BIDSVersion": "1.9.0",
+            "DatasetType": "raw",
+            "HowToAcknowledge": (
+                "Synthetic images derived from the ICBM 2009a nonlinear symmetric MNI152 template "
+                "(Fonov et al., NeuroImage 2009 and 2011; copyright McConnell Brain Imaging "
+                "Centre) as shipped with nilearn."
+            ),
+            "GeneratedBy": [{"Name": GENERATOR_NAME, "Version": __version__, "Description": call}],
+        },
+    )
+    site_levels = {
+        s.name: f"{s.axcodes}, {'x'.join(f'{v:g}' for v in s.voxel_size_mm)} mm voxels, {s.dtype}"
+        for s in sites
+    }
+    _write_json(
+        out / "participants.json",
+        {
+            "participant_id": {"Description": "Participant label, sub-<label>."},
+            "age": {
+                "Description": "Age at the first session" if sessions else "Age at the scan",
+                "Units": "year",
+            },
+            "sex": {
+                "Description": "Sex, which drives head size and a shape mode in the generator",
+                "Levels": {"M": "male", "F": "female"},
+            },
+            "site": {"Description": "Acquisition site (protocol)", "Levels": site_levels},
+        },
+    )
+    _write_text(out / ".bidsignore", f"{MANIFEST_NAME}\n")
+
+
+def make_demo_dataset(
+    out_dir: str | Path,
+    n_subjects: int = 24,
+    seed: int = 0,
+    sessions: bool = False,
+    n_bad: int = 2,
+    *,
+    sites: Sequence[scanner.SiteProtocol] = scanner.DEFAULT_SITES,
+    bad_kinds: Sequence[str] = BAD_KINDS,
+) -> pd.DataFrame:
+    """Generate the synthetic T1w demo cohort as a BIDS dataset.
+
+    Writes ``dataset_description.json``, ``participants.tsv`` / ``.json``, one
+    ``sub-<label>/[ses-<label>/]anat/sub-<label>[_ses-<label>]_T1w.nii.gz`` per scan,
+    ``sub-<label>/sub-<label>_sessions.tsv`` with sessions, and ``demo_manifest.tsv`` (ground truth
+    per scan, listed in ``.bidsignore``). Same arguments, same bytes.
+
+    Args:
+        out_dir: Output directory; must be absent, empty, or an earlier demo (then replaced).
+        n_subjects: Number of subjects (>= 1).
+        seed: Seed of every random draw.
+        sessions: Two sessions per subject, 1-3 years apart, instead of one scan.
+        n_bad: Number of subjects with a deliberately bad scan (their last session).
+        sites: Site protocols; subjects are spread evenly across them.
+        bad_kinds: Kinds of bad scans, assigned in turn to the bad subjects (see
+            :data:`BAD_KINDS`).
+
+    Returns:
+        The participants table (``participant_id``, ``age``, ``sex``, ``site``) with one more
+        column, ``bad_scan``: the kind of the subject's bad scan, empty when all are good. Only
+        the first four columns are written to participants.tsv.
+
+    Raises:
+        ValueError: If ``n_subjects``, ``n_bad``, ``sites`` or ``bad_kinds`` are invalid.
+        nidl_dino.errors.UserError: If ``out_dir`` exists and is neither empty nor a demo dataset.
+    """
+    if n_subjects < 1:
+        raise ValueError(f"n_subjects must be >= 1, got {n_subjects}")
+    if not 0 <= n_bad <= n_subjects:
+        raise ValueError(f"n_bad must be between 0 and n_subjects ({n_subjects}), got {n_bad}")
+    if not sites or len({s.name for s in sites}) != len(sites):
+        raise ValueError("sites must be a non-empty sequence of protocols with distinct names")
+    unknown = sorted(set(bad_kinds) - set(BAD_KINDS))
+    if unknown or not bad_kinds:
+        raise ValueError(f"bad_kinds must be a non-empty subset of {BAD_KINDS}, got {bad_kinds}")
+
+    out = Path(out_dir).absolute()
+    _check_out_dir(out)
+    # Written next to out_dir and moved into place at the end, so an interrupted run leaves no
+    # half-written dataset that a later run (or the workflow) would take for a finished one.
+    partial = out.parent / f".{out.name}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    try:
+        cohort = _write_dataset(partial, n_subjects, seed, sessions, n_bad, sites, bad_kinds)
+        _move_into_place(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return cohort
+
+
+def _write_dataset(
+    out: Path,
+    n_subjects: int,
+    seed: int,
+    sessions: bool,
+    n_bad: int,
+    sites: Sequence[scanner.SiteProtocol],
+    bad_kinds: Sequence[str],
+) -> pd.DataFrame:
+    """Write the whole dataset into ``out`` (an empty directory); return the cohort table."""
+    call = (
+        f"make_demo_dataset(n_subjects={n_subjects}, seed={seed}, sessions={sessions}, "
+        f"n_bad={n_bad}, sites={[s.name for s in sites]}, bad_kinds={list(bad_kinds)})"
+    )
+    _describe(out, sites, call, sessions)
+    cohort = design_cohort(n_subjects, seed, sites, n_bad, bad_kinds)
+    _write_tsv(out / "participants.tsv", cohort.loc[:, list(PARTICIPANT_COLUMNS)])
+    site_of = {s.name: s for s in sites}
+
+    records = []
+    start = time.perf_counter()
+    for i, row in enumerate(cohort.itertuples(index=False)):
+        site = site_of[row.site]
+        subject_rng = _rng(seed, _SUBJECT, i)
+        anatomy = anat.draw_anatomy(subject_rng, row.sex)
+        ages = [float(row.age)]
+        if sessions:
+            ages.append(round(ages[0] + subject_rng.uniform(*SESSION_GAP_YEARS), 1))
+        session_ids = [f"ses-{k + 1:02d}" for k in range(len(ages))] if sessions else [""]
+        for k, (session, age) in enumerate(zip(session_ids, ages, strict=True)):
+            defect = row.bad_scan if k == len(ages) - 1 else ""
+            rng = _rng(seed, _SCAN, i, k)
+            records.append(
+                _write_scan(out, row.participant_id, session, site, anatomy, age, defect, rng)
+            )
+        if sessions:
+            _write_tsv(
+                out / row.participant_id / f"{row.participant_id}_sessions.tsv",
+                pd.DataFrame({"session_id": session_ids, "age": ages}),
+            )
+        logger.info("%s done (%d/%d)", row.participant_id, i + 1, n_subjects)
+    manifest = pd.DataFrame.from_records(records)
+    _write_tsv(out / MANIFEST_NAME, manifest.round(4))
+    elapsed = time.perf_counter() - start
+    logger.info(
+        "%d scans in %.1f s (%.2f s per scan)", len(records), elapsed, elapsed / len(records)
+    )
+    return cohort
+
+
+def _write_scan(
+    out: Path,
+    participant: str,
+    session: str,
+    site: scanner.SiteProtocol,
+    anatomy: anat.Anatomy,
+    age: float,
+    defect: str,
+    rng: np.random.Generator,
+) -> dict:
+    """Simulate and write one scan (bad if ``defect`` names a kind); return its manifest row."""
+    acq = scanner.draw_acquisition(rng, site)
+    parts = [participant] + ([session] if session else [])
+    rel = Path(*parts, "anat", "_".join(parts) + "_T1w.nii.gz")
+    maps = anat.tissue_maps(anatomy, age)
+    good = None
+    if defect in ("", "truncated"):
+        image = anat.template_intensity(anatomy, maps, age)
+        good = scanner.acquire(site, anatomy, acq, image, rng)
+    data = _bad_image(defect, site, rng, good) if defect else scanner.nifti_gz_bytes(good)
+    (out / rel).parent.mkdir(parents=True, exist_ok=True)
+    (out / rel).write_bytes(data)
+
+    scale = float(np.prod(anatomy.head_scale))
+    return {
+        "participant_id": participant,
+        "session_id": session,
+        "path": rel.as_posix(),
+        "site": site.name,
+        "age": age,
+        "sex": anatomy.sex,
+        "bad_scan": defect,
+        "icv_ml": anat.load_template().brain_ml * scale,
+        "ventricles_ml": maps.vent_ml * scale,
+        "gm_ml": maps.gm_ml * scale,
+        "wm_ml": maps.wm_ml * scale,
+        "csf_ml": maps.csf_ml * scale,
+        "gm_intensity": anat.gm_intensity(anatomy, age),
+        "head_scale_x": anatomy.head_scale[0],
+        "head_scale_y": anatomy.head_scale[1],
+        "head_scale_z": anatomy.head_scale[2],
+        "sex_mode_mm": anatomy.sex_mode_mm,
+        "rotation_x_deg": acq.rotation_deg[0],
+        "rotation_y_deg": acq.rotation_deg[1],
+        "rotation_z_deg": acq.rotation_deg[2],
+        "shift_x_mm": acq.shift_mm[0],
+        "shift_y_mm": acq.shift_mm[1],
+        "shift_z_mm": acq.shift_mm[2],
+        "gain": acq.gain,
+    }
