@@ -5,12 +5,13 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
-from dino_fixtures import SMALL_HEAD, FlattenLinear, RandomViews, TinyConv3d, views_loader
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from nidl_dino import DINO, DINOLoss, DINOProjectionHead
 from nidl_dino.base import NotFittedError
+
+from dino_fixtures import SMALL_HEAD, FlattenLinear, RandomViews, TinyConv3d, views_loader
 
 
 def make_dino(trainer_kwargs, encoder=FlattenLinear, n_local=2, **kwargs):

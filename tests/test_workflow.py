@@ -10,6 +10,7 @@ from importlib.metadata import version
 
 import pytest
 import yaml
+
 from workflow_helpers import REPO, snakemake, tiny_bids
 
 

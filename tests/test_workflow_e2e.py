@@ -1,0 +1,136 @@
+"""End-to-end runs of the workflow on a tiny generated cohort (CPU, tiny encoder, few steps)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from workflow_helpers import SNAKEFILE, snakemake
+
+TINY = {
+    "preprocessing": {"resample": {"spacing_mm": 6.0}},
+    "views": {"global_size": [16, 16, 16], "local_size": [8, 8, 8], "num_local_crops": 2},
+    "encoder": {"name": "small_cnn", "kwargs": {}},
+    "data": {"batch_size": 2, "num_workers": 0, "cache": "memory"},
+    "dino": {"proj_hidden_dim": 32, "proj_bottleneck_dim": 16, "proj_output_dim": 64},
+    "trainer": {"max_epochs": 2, "accelerator": "cpu"},
+    "demo": {"enabled": False},
+}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    from nidl_dino.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("e2e")
+    participants = make_demo_dataset(root / "bids", n_subjects=6, seed=3, n_bad=2)
+    return root, participants
+
+
+def _overlay(root: Path, name: str, **changes) -> Path:
+    config = yaml.safe_load(yaml.safe_dump(TINY))
+    for key, value in changes.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    config.update({"bids_dir": str(root / "bids"), "output_dir": str(root / name)})
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_tiny_end_to_end_run(cohort):
+    root, participants = cohort
+    res = snakemake(root, "--cores", "2", "--configfile", str(_overlay(root, "out")))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = root / "out"
+
+    qc = pd.read_csv(out / "qc/qc.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert list(qc.columns[:4]) == ["participant_id", "session_id", "status", "reason"]
+    assert len(qc) == 6
+    bad = participants.loc[participants["bad_scan"] != "", "participant_id"].tolist()
+    excluded = qc[qc["status"] == "excluded"]
+    assert sorted(excluded["participant_id"]) == sorted(bad)
+    assert all(reason.strip() for reason in excluded["reason"])
+    ok = qc[qc["status"] == "ok"]
+    assert (ok["reason"] == "").all() and len(ok) == 4
+
+    for pid in ok["participant_id"]:
+        table = pd.read_csv(out / "features" / f"{pid}.tsv", sep="\t", keep_default_na=False)
+        assert list(table.columns[:4]) == [
+            "participant_id",
+            "session_id",
+            "model_id",
+            "feature_0000",
+        ]
+        assert len(table) == 1 and table["participant_id"][0] == pid
+        assert table["model_id"][0].startswith("dino-small_cnn-")
+    for pid in bad:
+        assert not (out / "features" / f"{pid}.tsv").exists()
+
+    cohort_tsv = pd.read_csv(out / "features/cohort.tsv", sep="\t")
+    cohort_pq = pd.read_parquet(out / "features/cohort.parquet")
+    assert len(cohort_tsv) == len(cohort_pq) == 6
+    for column in ("participant_id", "session_id", "status", "reason", "age", "sex", "site"):
+        assert column in cohort_pq.columns
+    features = [c for c in cohort_pq.columns if c.startswith("feature_")]
+    assert features
+    is_ok = cohort_pq["status"] == "ok"
+    assert cohort_pq.loc[is_ok, features].notna().all().all()
+    assert cohort_pq.loc[~is_ok, features].isna().all().all()
+    assert (out / "model/training_curves.png").stat().st_size > 1000
+    for scan in ok["participant_id"]:
+        folder = out / "preproc" / scan
+        assert (folder / f"{scan}_desc-preproc_T1w.nii.gz").exists()
+        assert (folder / f"{scan}_from-T1w_to-MNI152_xfm.mat").exists()
+        assert (folder / f"{scan}_qc.png").exists()
+
+    # nothing to do on a second run
+    res = snakemake(root, "-n", "--cores", "1", "--configfile", str(_overlay(root, "out")))
+    assert "Nothing to be done" in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_killed_training_job_resumes_from_its_checkpoint(cohort):
+    root, _ = cohort
+    overlay = _overlay(root, "killed", trainer={"max_epochs": 6})
+    ckpt = root / "killed/model/work/checkpoints/last.ckpt"
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(SNAKEFILE),
+        "--cores",
+        "2",
+        "--configfile",
+        str(overlay),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 600
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert ckpt.exists(), "no checkpoint before the deadline"
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job tree, mid-training
+    proc.wait()
+    assert not (root / "killed/model/teacher.pt").exists()
+
+    res = snakemake(root, "--cores", "2", "--rerun-incomplete", "--configfile", str(overlay))
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = (root / "killed/logs/train.log").read_text()
+    assert "resuming training from" in log
+    summary = yaml.safe_load((root / "killed/model/training_summary.json").read_text())
+    assert summary["resumed_from"].endswith("last.ckpt")
+    assert summary["epochs"] == 6
+    versions = sorted((root / "killed/model/work/logs/csv").glob("version_*/metrics.csv"))
+    assert len(versions) == 2
+    second = pd.read_csv(versions[1])
+    assert second["step"].min() > 0  # no step repeated from zero
