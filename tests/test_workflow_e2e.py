@@ -15,6 +15,9 @@ import yaml
 
 from workflow_helpers import SNAKEFILE, snakemake
 
+# Temporary guard while the preprocessing package lands (removed in the same series of commits).
+pytest.importorskip("nidl_dino.preprocessing")
+
 TINY = {
     "preprocessing": {"resample": {"spacing_mm": 6.0}},
     "views": {"global_size": [16, 16, 16], "local_size": [8, 8, 8], "num_local_crops": 2},
