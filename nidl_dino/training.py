@@ -69,12 +69,16 @@ def resume_checkpoint(ckpt_dir: Path, fingerprint: str) -> str | None:
     return str(last) if last.exists() else None
 
 
-def build_model(config: Mapping[str, Any], num_local_crops: int, **trainer_kwargs) -> DINO:
-    """The DINO estimator described by the config's ``encoder``, ``views`` and ``dino`` sections."""
-    views = config.get("views", {}) or {}
-    sizes = [views.get("global_size"), views.get("local_size")]
-    sizes = [s for s in sizes if s is not None] or None
-    encoder = build_encoder(config.get("encoder", "small_cnn"), in_channels=1, image_size=sizes)
+def build_model(
+    config: Mapping[str, Any], num_local_crops: int, image_sizes: Any = None, **trainer_kwargs
+) -> DINO:
+    """The DINO estimator described by the config's ``encoder`` and ``dino`` sections.
+
+    ``image_sizes`` are the view sizes the encoder will see (global, local), checked now.
+    """
+    encoder = build_encoder(
+        config.get("encoder", "small_cnn"), in_channels=1, image_size=image_sizes
+    )
     dino_cfg = dict(config.get("dino", {}) or {})
     return DINO(
         encoder,
@@ -164,6 +168,7 @@ def train_from_config(
     model = build_model(
         config,
         num_local_crops=datamodule.num_local_crops,
+        image_sizes=datamodule.image_sizes,
         callbacks=callbacks,
         logger=loggers,
         default_root_dir=str(work),
@@ -175,7 +180,7 @@ def train_from_config(
         model.teacher,
         config.get("encoder", "small_cnn"),
         teacher_path,
-        image_size=(config.get("views", {}) or {}).get("global_size"),
+        image_size=[list(s) for s in datamodule.image_sizes],
         extra={"fingerprint": fingerprint, "global_step": int(model.trainer.global_step)},
     )
     from nidl_dino.curves import plot_training_curves

@@ -269,7 +269,9 @@ def test_clip_grad_bounds_each_parameter_update(quiet_trainer_kwargs):
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             after = list(pl_module.student.parameters())
-            changes.extend((a.detach() - b).norm().item() for a, b in zip(after, self.before, strict=True))
+            changes.extend(
+                (a.detach() - b).norm().item() for a, b in zip(after, self.before, strict=True)
+            )
 
     def run(clip):
         changes.clear()

@@ -1,0 +1,191 @@
+"""Encoder registry: (B, D) outputs, reported dims, specs, clear errors, one DINO fit step each."""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+
+import pytest
+import torch
+from torch import nn
+
+from nidl_dino.encoders import ENCODERS, ViTEncoder, build_encoder, encoder_output_dim
+from nidl_dino.errors import UserError
+
+torch.set_num_threads(1)
+
+TINY_VIT = {"patch_size": 8, "hidden_size": 32, "mlp_dim": 64, "num_layers": 1, "num_heads": 2}
+GLOBAL, LOCAL = 32, 16
+needs_einops = pytest.mark.skipif(
+    find_spec("einops") is None, reason="MONAI's ViT needs einops (pip install einops)"
+)
+# Registry encoders at tiny sizes; the heavy ones only under -m slow. DenseNet121 needs >= 29
+# voxels per side, so it sees 32^3 views only.
+CASES = [
+    pytest.param("small_cnn", {"channels": [4, 8, 16, 32]}, [GLOBAL, LOCAL], 32, id="small_cnn"),
+    pytest.param("vit", TINY_VIT, [GLOBAL, LOCAL], 32, id="vit", marks=needs_einops),
+    pytest.param("resnet10", {}, [GLOBAL, LOCAL], 512, id="resnet10"),
+    pytest.param("resnet18", {}, [GLOBAL, LOCAL], 512, id="resnet18", marks=pytest.mark.slow),
+    pytest.param("resnet34", {}, [GLOBAL, LOCAL], 512, id="resnet34", marks=pytest.mark.slow),
+    pytest.param("resnet50", {}, [GLOBAL, LOCAL], 2048, id="resnet50", marks=pytest.mark.slow),
+    pytest.param("densenet121", {}, [GLOBAL, 32], 1024, id="densenet121", marks=pytest.mark.slow),
+]
+
+
+def test_registry_has_the_documented_names():
+    assert set(ENCODERS) >= {
+        "small_cnn",
+        "resnet10",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "densenet121",
+        "vit",
+    }
+
+
+@pytest.mark.parametrize(("name", "kwargs", "sizes", "dim"), CASES)
+def test_encoder_outputs_b_by_d_at_every_view_size(name, kwargs, sizes, dim):
+    torch.manual_seed(0)
+    spec = {"name": name, "kwargs": kwargs}
+    encoder = build_encoder(spec, in_channels=1, image_size=[[s] * 3 for s in sizes])
+    assert encoder.output_dim == dim == encoder_output_dim(spec, image_size=sizes[0])
+    for size in sizes:
+        out = encoder(torch.randn(2, 1, size, size, size))
+        assert out.shape == (2, dim)
+        assert torch.isfinite(out).all()
+
+
+def test_spec_forms_name_mapping_import_path_and_module():
+    assert build_encoder("small_cnn").output_dim == 128
+    assert build_encoder({"name": "small_cnn", "kwargs": {"channels": [4, 8]}}).output_dim == 8
+    # An import path without output_dim: the dimension is measured with a dry forward.
+    kwargs = {"in_shape": [1, 16, 16, 16], "out_shape": [7], "channels": [4], "strides": [2]}
+    for path in ("monai.networks.nets:Regressor", "monai.networks.nets.Regressor"):
+        encoder = build_encoder({"name": path, "kwargs": kwargs}, image_size=16)
+        assert encoder.output_dim == 7
+        assert encoder_output_dim({"name": path, "kwargs": kwargs}, image_size=16) == 7
+    module = build_encoder("small_cnn")
+    assert build_encoder(module) is module
+
+
+@needs_einops
+def test_encoder_output_dim_builds_nothing_real():
+    assert encoder_output_dim("resnet50") == 2048
+    assert encoder_output_dim({"name": "vit", "kwargs": {"hidden_size": 96, "num_heads": 4}}) == 96
+
+
+@needs_einops
+def test_vit_matches_monai_forward_at_its_own_size():
+    # At img_size no interpolation happens: our forward must equal MONAI's ViT forward.
+    torch.manual_seed(0)
+    encoder = build_encoder({"name": "vit", "kwargs": TINY_VIT}, image_size=GLOBAL).eval()
+    x = torch.randn(2, 1, GLOBAL, GLOBAL, GLOBAL)
+    with torch.no_grad():
+        expected = encoder.vit(x)[0]
+        torch.testing.assert_close(encoder(x), expected)
+
+
+@needs_einops
+def test_vit_mean_pool_and_anisotropic_sizes():
+    encoder = ViTEncoder(img_size=GLOBAL, pool="mean", **TINY_VIT)
+    assert encoder(torch.randn(2, 1, 16, 24, 32)).shape == (2, 32)
+
+
+@pytest.mark.parametrize(
+    ("spec", "image_size", "words"),
+    [
+        ("resnet9", None, ["resnet9", "small_cnn", "import path"]),
+        (
+            {"name": "vit", "kwargs": {"patch_size": 16}},
+            [[96] * 3, [40] * 3],
+            ["(40, 40, 40)", "16"],
+        ),
+        ({"name": "vit", "kwargs": {"img_size": 20, "patch_size": 8}}, None, ["(20, 20, 20)"]),
+        ("densenet121", [[48] * 3, [24] * 3], ["densenet121", "(24, 24, 24)", "29"]),
+        ({"name": "resnet18", "kwargs": {"depth": 3}}, None, ["resnet18", "depth"]),
+        ({"name": "small_cnn", "kwargs": {"norm": "bogus"}}, None, ["small_cnn", "BOGUS"]),
+        ({"nme": "small_cnn"}, None, ["nme"]),
+        ({"kwargs": {}}, None, ["name"]),
+        ("no_such_pkg.mod:Net", None, ["no_such_pkg.mod:Net"]),
+        ({"name": "torch.nn:AdaptiveAvgPool3d", "kwargs": {"output_size": 2}}, None, ["(B, D)"]),
+        ("small_cnn", [[32, 32], 16], ["[32, 32]"]),
+    ],
+)
+def test_bad_specs_fail_early_with_one_clear_line(spec, image_size, words):
+    with pytest.raises(UserError) as info:
+        build_encoder(spec, image_size=image_size)
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_image_size_forms():
+    from nidl_dino.encoders import parse_image_sizes
+
+    assert parse_image_sizes(None) == []
+    assert parse_image_sizes(32) == [(32, 32, 32)]
+    assert parse_image_sizes([32, 24, 16]) == [(32, 24, 16)]
+    assert parse_image_sizes([48, 24]) == [(48, 48, 48), (24, 24, 24)]
+    assert parse_image_sizes([[48, 48, 40], 24]) == [(48, 48, 40), (24, 24, 24)]
+
+
+@needs_einops
+def test_vit_rejects_an_input_size_at_forward_time():
+    encoder = ViTEncoder(img_size=GLOBAL, **TINY_VIT)
+    with pytest.raises(UserError, match="patch_size"):
+        encoder(torch.randn(1, 1, 20, 16, 16))
+
+
+FIT_CASES = [
+    pytest.param("small_cnn", {"channels": [4, 8, 16, 32]}, (GLOBAL, LOCAL), True, id="small_cnn"),
+    pytest.param("vit", TINY_VIT, (GLOBAL, LOCAL), False, id="vit", marks=needs_einops),
+    pytest.param("resnet10", {}, (GLOBAL, LOCAL), True, id="resnet10", marks=pytest.mark.slow),
+    pytest.param("resnet18", {}, (GLOBAL, LOCAL), True, id="resnet18", marks=pytest.mark.slow),
+    pytest.param("resnet34", {}, (GLOBAL, LOCAL), True, id="resnet34", marks=pytest.mark.slow),
+    pytest.param("resnet50", {}, (GLOBAL, LOCAL), True, id="resnet50", marks=pytest.mark.slow),
+    pytest.param("densenet121", {}, (GLOBAL, 32), True, id="densenet121", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "sizes", "batch_norm"), FIT_CASES)
+def test_one_dino_fit_step(name, kwargs, sizes, batch_norm):
+    from nidl_dino import DINO
+
+    g, loc = sizes
+    n_local = 2
+    torch.manual_seed(0)
+    batches = [
+        [torch.randn(2, 1, g, g, g) for _ in range(2)]
+        + [torch.randn(2, 1, loc, loc, loc) for _ in range(n_local)]
+    ]
+    encoder = build_encoder({"name": name, "kwargs": kwargs}, image_size=[[g] * 3, [loc] * 3])
+    model = DINO(
+        encoder,
+        proj_input_dim=encoder.output_dim,
+        proj_hidden_dim=32,
+        proj_bottleneck_dim=16,
+        proj_output_dim=64,
+        proj_batch_norm=batch_norm,
+        num_local_crops=n_local,
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        random_state=0,
+    )
+    before = [p.detach().clone() for p in model.student.parameters()]
+    model.fit(torch.utils.data.DataLoader(batches, batch_size=None))
+    after = list(model.student.parameters())
+    assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))
+    assert all(torch.isfinite(p).all() for p in after)
+    features = model.transform(torch.utils.data.DataLoader(torch.randn(2, 1, g, g, g)))
+    assert features.shape == (2, encoder.output_dim)
+
+
+def test_import_path_module_is_an_nn_module():
+    encoder = build_encoder("torch.nn:Flatten", image_size=4)
+    assert isinstance(encoder, nn.Flatten)
+    assert encoder.output_dim == 64
