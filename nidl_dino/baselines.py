@@ -1,0 +1,154 @@
+"""Baseline feature sets that DINO features must beat in the probe table.
+
+- intensity PCA: the preprocessed volumes, block-averaged and flattened; the PCA itself is a step of
+  the returned :class:`~nidl_dino.probes.FeatureSet`, so it is fitted inside each training fold;
+- brain volume: one column of the QC table, as a one-feature model.
+
+The chance baseline is built into :func:`nidl_dino.probes.run_probes`, and the random-weights
+encoder is an ordinary feature table extracted like the DINO one.
+
+Example:
+    >>> feature_sets = {
+    ...     "dino": dino_features,
+    ...     "random encoder": random_features,
+    ...     "intensity PCA": intensity_pca_features(volume_paths, n_components=32, downsample=8),
+    ...     "brain volume": brain_volume_feature(qc),
+    ... }
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from nibabel.filebasedimages import ImageFileError
+from sklearn.decomposition import PCA
+
+from nidl_dino.errors import UserError
+from nidl_dino.probes import FeatureSet
+
+
+def block_average(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Downsample a 3D volume by averaging non-overlapping ``factor``^3 blocks of voxels.
+
+    Hand-written because neither NumPy, SciPy nor scikit-learn has a block mean
+    (``scipy.ndimage.zoom`` interpolates instead of averaging, which aliases at large factors).
+
+    Args:
+        volume: Array of shape (D, H, W).
+        factor: Block edge in voxels; trailing voxels that do not fill a whole block are dropped.
+
+    Returns:
+        Array of shape (D // factor, H // factor, W // factor).
+    """
+    d, h, w = (size // factor for size in volume.shape)
+    blocks = volume[: d * factor, : h * factor, : w * factor]
+    return blocks.reshape(d, factor, h, factor, w, factor).mean(axis=(1, 3, 5))
+
+
+def downsampled_intensities(volume_paths: Sequence[str | Path], downsample: int = 8) -> np.ndarray:
+    """Load preprocessed volumes, block-average them and flatten each into one row.
+
+    Args:
+        volume_paths: NIfTI files of one shape (the preprocessed, registered volumes), in the row
+            order of the cohort table they will be probed against.
+        downsample: Block edge in voxels (8 turns a 1 mm 182 x 218 x 182 volume into
+            22 x 27 x 22 = 13,068 values). Non-finite voxels count as 0.
+
+    Returns:
+        Float32 array of shape (len(volume_paths), n_blocks).
+
+    Raises:
+        UserError: An unreadable file, a volume that is not 3D, a shape that differs from the first
+            volume's, or a ``downsample`` larger than the volume.
+    """
+    if int(downsample) < 1:
+        raise UserError(f"probes.pca.downsample={downsample}; use a positive integer")
+    rows, shape = [], None
+    for path in volume_paths:
+        try:
+            image = nib.load(path)
+        except (OSError, ImageFileError) as err:
+            raise UserError(f"{path}: cannot read as NIfTI ({err}); check the file") from err
+        volume = np.asarray(image.dataobj, dtype=np.float32)
+        if volume.ndim == 4 and volume.shape[3] == 1:
+            volume = volume[..., 0]
+        if volume.ndim != 3:
+            raise UserError(f"{path}: volume of shape {volume.shape}; expected a 3D volume")
+        if shape is None:
+            shape = volume.shape
+            if min(shape) < downsample:
+                raise UserError(
+                    f"{path}: shape {shape} is smaller than probes.pca.downsample={downsample}; "
+                    "lower it"
+                )
+        elif volume.shape != shape:
+            raise UserError(
+                f"{path}: shape {volume.shape} differs from {shape} of {volume_paths[0]}; "
+                "use the preprocessed (registered) volumes"
+            )
+        volume = np.nan_to_num(volume, nan=0.0, posinf=0.0, neginf=0.0)
+        rows.append(block_average(volume, int(downsample)).ravel())
+    if not rows:
+        raise UserError("intensity PCA baseline: no volumes given; check the preprocessed paths")
+    return np.stack(rows)
+
+
+def intensity_pca_features(
+    volume_paths: Sequence[str | Path],
+    n_components: int = 32,
+    downsample: int = 8,
+    seed: int = 0,
+) -> FeatureSet:
+    """The intensity baseline: downsampled voxels, with a PCA fitted inside each training fold.
+
+    The PCA is returned as a step of the feature set rather than applied here: fitting it on every
+    subject would let test rows shape the components (leakage). :func:`~nidl_dino.probes.run_probes`
+    refits it on each inner and outer training split, then standardises the component scores.
+
+    Args:
+        volume_paths: Preprocessed NIfTI files, in the cohort table's row order.
+        n_components: Principal components kept; must not exceed the rows of the smallest inner
+            training fold (``run_probes`` checks and names the key).
+        downsample: Block edge in voxels (see :func:`downsampled_intensities`).
+        seed: Seed of the PCA's randomized solver.
+
+    Returns:
+        A :class:`~nidl_dino.probes.FeatureSet` of shape (len(volume_paths), n_blocks) with one
+        ``("pca", PCA)`` step.
+    """
+    if int(n_components) < 1:
+        raise UserError(f"probes.pca.n_components={n_components}; use a positive integer")
+    X = downsampled_intensities(volume_paths, downsample)
+    return FeatureSet(X, steps=(("pca", PCA(n_components=int(n_components), random_state=seed)),))
+
+
+def brain_volume_feature(qc_table: pd.DataFrame, column: str = "brain_volume_ml") -> np.ndarray:
+    """The brain-volume baseline: one QC measure as a one-feature model.
+
+    Args:
+        qc_table: QC rows in the cohort table's row order (filter and order it like the cohort).
+        column: QC column holding the brain volume (ml).
+
+    Returns:
+        Float array of shape (len(qc_table), 1).
+
+    Raises:
+        UserError: The column is absent, not numeric, or missing for some rows.
+    """
+    if column not in qc_table.columns:
+        raise UserError(
+            f"QC table: no column '{column}' for the brain-volume baseline; "
+            f"set probes.brain_volume_column to one of {list(qc_table.columns)}"
+        )
+    values = pd.to_numeric(qc_table[column], errors="coerce")
+    missing = values.isna().to_numpy()
+    if missing.any():
+        raise UserError(
+            f"QC table: column '{column}' is missing or not numeric in {missing.sum()} row(s) "
+            f"(e.g. row {qc_table.index[missing.argmax()]!r}); drop those scans before probing"
+        )
+    return values.to_numpy(dtype=float).reshape(-1, 1)

@@ -1,0 +1,471 @@
+"""Probes and baselines: scores checked against formulas written here, folds shared, no leakage."""
+
+from __future__ import annotations
+
+import itertools
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.base import BaseEstimator, TransformerMixin
+
+from nidl_dino.baselines import (
+    block_average,
+    brain_volume_feature,
+    downsampled_intensities,
+    intensity_pca_features,
+)
+from nidl_dino.errors import UserError
+from nidl_dino.probes import (
+    CHANCE,
+    FeatureSet,
+    format_probe_table,
+    infer_task,
+    run_probes,
+    write_probe_table,
+)
+
+# Small grids keep every test to a few seconds on two shared cores.
+FAST = {"alphas": (0.01, 1.0, 100.0), "Cs": (0.01, 1.0), "inner_splits": 3}
+
+
+def make_cohort(n: int = 80, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """A cohort whose age is exactly linear in ``signal`` and whose sex is pure noise."""
+    rng = np.random.default_rng(seed)
+    signal = rng.normal(size=(n, 4))
+    noise = rng.normal(size=(n, 6))
+    table = pd.DataFrame(
+        {
+            "participant_id": [f"sub-{i:03d}" for i in range(n)],
+            "age": 50.0 + signal @ np.array([3.0, -2.0, 1.0, 0.5]),
+            "sex": rng.choice(["F", "M"], size=n),
+            "site": rng.choice(["A", "B", "C"], size=n),
+        },
+        index=[f"scan{i}" for i in range(n)],
+    )
+    return table, signal, noise
+
+
+def outer_folds(predictions: pd.DataFrame) -> dict[tuple[int, int], set]:
+    """(repeat, fold) -> set of test-row labels, read back from the predictions."""
+    return {
+        key: set(group["row"]) for key, group in predictions.groupby(["repeat", "fold"], sort=True)
+    }
+
+
+@pytest.fixture(scope="module")
+def probed():
+    table, signal, noise = make_cohort()
+    scores, predictions = run_probes(
+        {"signal": signal, "noise": pd.DataFrame(noise, index=table.index)},
+        table,
+        ["age", "sex"],
+        n_splits=4,
+        n_repeats=2,
+        seed=0,
+        return_predictions=True,
+        **FAST,
+    )
+    return table, scores, predictions
+
+
+def score(scores: pd.DataFrame, feature_set: str, target: str, metric: str) -> pd.Series:
+    row = scores.query("feature_set == @feature_set and target == @target and metric == @metric")
+    assert len(row) == 1
+    return row.iloc[0]
+
+
+def test_score_table_layout(probed):
+    _, scores, _ = probed
+    assert list(scores.columns[:9]) == [
+        "feature_set",
+        "target",
+        "task",
+        "metric",
+        "mean",
+        "std",
+        "n_folds",
+        "n_samples",
+        "n_features",
+    ]
+    assert list(dict.fromkeys(scores["feature_set"])) == [CHANCE, "signal", "noise"]
+    assert set(zip(scores["target"], scores["task"], scores["metric"], strict=True)) == {
+        ("age", "regression", "mae"),
+        ("age", "regression", "r2"),
+        ("sex", "classification", "roc_auc"),
+        ("sex", "classification", "balanced_accuracy"),
+    }
+    assert (scores["n_folds"] == 8).all() and (scores["n_samples"] == 80).all()
+    assert scores.set_index("feature_set")["n_features"].to_dict() == {
+        CHANCE: 0,
+        "signal": 4,
+        "noise": 6,
+    }
+
+
+def test_regression_scores_match_hand_formulas(probed):
+    _, scores, predictions = probed
+    for name in (CHANCE, "signal", "noise"):
+        maes, r2s = [], []
+        rows = predictions.query("feature_set == @name and target == 'age'")
+        for _, fold in rows.groupby(["repeat", "fold"]):
+            error = fold["y_true"] - fold["y_pred"]
+            maes.append(np.abs(error).sum() / len(fold))
+            total = ((fold["y_true"] - fold["y_true"].mean()) ** 2).sum()
+            r2s.append(1.0 - (error**2).sum() / total)
+        for metric, values in (("mae", maes), ("r2", r2s)):
+            mean = sum(values) / len(values)
+            std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+            row = score(scores, name, "age", metric)
+            assert row["mean"] == pytest.approx(mean) and row["std"] == pytest.approx(std)
+
+
+def test_exact_linear_target_is_recovered(probed):
+    _, scores, _ = probed
+    assert score(scores, "signal", "age", "r2")["mean"] > 0.99
+    chance_mae = score(scores, CHANCE, "age", "mae")["mean"]
+    assert score(scores, "signal", "age", "mae")["mean"] < 0.05 * chance_mae
+
+
+def test_chance_predicts_the_training_mean_of_each_fold(probed):
+    table, _, predictions = probed
+    rows = predictions.query("feature_set == @CHANCE and target == 'age'")
+    for (repeat, fold), fold_rows in rows.groupby(["repeat", "fold"]):
+        train_rows = table.index.difference(fold_rows["row"])
+        assert len(train_rows) == 80 - len(fold_rows), (repeat, fold)
+        assert np.allclose(fold_rows["y_pred"], table.loc[train_rows, "age"].mean())
+
+
+def test_classification_scores_match_hand_formulas(probed):
+    _, scores, predictions = probed
+    rows = predictions.query("feature_set == 'noise' and target == 'sex'")
+    aucs, accuracies = [], []
+    for _, fold in rows.groupby(["repeat", "fold"]):
+        pos = fold.loc[fold["y_true"] == 1, "y_pred"].to_numpy()
+        neg = fold.loc[fold["y_true"] == 0, "y_pred"].to_numpy()
+        # Mann-Whitney: fraction of (positive, negative) pairs ranked right, ties count half.
+        wins = sum((p > q) + 0.5 * (p == q) for p, q in itertools.product(pos, neg))
+        aucs.append(wins / (len(pos) * len(neg)))
+        # Logistic regression predicts the positive class when its probability exceeds 0.5.
+        accuracies.append(((pos > 0.5).mean() + (neg <= 0.5).mean()) / 2)
+    assert score(scores, "noise", "sex", "roc_auc")["mean"] == pytest.approx(np.mean(aucs))
+    assert score(scores, "noise", "sex", "balanced_accuracy")["mean"] == pytest.approx(
+        np.mean(accuracies)
+    )
+    # Sex is the larger sorted label, "M", coded 1.
+    truth = predictions.query("target == 'sex'").drop_duplicates("row").set_index("row")["y_true"]
+    table = probed[0]
+    assert (truth == (table.loc[truth.index, "sex"] == "M")).all()
+
+
+def test_chance_model_scores_exactly_chance(probed):
+    _, scores, _ = probed
+    chance = score(scores, CHANCE, "sex", "roc_auc")
+    assert chance["mean"] == 0.5 and chance["std"] == 0.0
+    assert score(scores, CHANCE, "sex", "balanced_accuracy")["mean"] == 0.5
+
+
+def test_noise_features_give_chance_auc_with_spread():
+    # One draw's mean AUC under the null varies by about 0.05 (folds share rows), so average three
+    # independent cohorts: their mean should be within 0.08 of 0.5, while each draw spreads.
+    means = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        table = pd.DataFrame(
+            {"sex": rng.choice(["F", "M"], size=300), "site": rng.choice(["A", "B"], size=300)}
+        )
+        features = {"noise": rng.normal(size=(300, 6))}
+        scores = run_probes(features, table, ["sex"], n_splits=4, n_repeats=2, **FAST)
+        auc = score(scores, "noise", "sex", "roc_auc")
+        assert auc["std"] > 0.02
+        means.append(auc["mean"])
+    assert abs(np.mean(means) - 0.5) < 0.08
+
+
+def test_every_feature_set_uses_the_same_folds(probed):
+    _, _, predictions = probed
+    for target in ("age", "sex"):
+        rows = predictions[predictions["target"] == target]
+        assignments = [
+            group.sort_values(["repeat", "row"])[["row", "repeat", "fold"]].to_numpy().tolist()
+            for _, group in rows.groupby("feature_set")
+        ]
+        assert all(a == assignments[0] for a in assignments)
+        # Every row is predicted exactly once per repeat.
+        assert rows.groupby(["feature_set", "repeat"])["row"].agg(lambda r: r.is_unique).all()
+        assert rows.groupby(["feature_set", "repeat"]).size().eq(80).all()
+
+
+class RowSpy(TransformerMixin, BaseEstimator):
+    """Records which rows every fit sees (row ids in column 0), then drops that column."""
+
+    fitted: list[frozenset] = []  # class-level: GridSearchCV fits clones
+
+    def fit(self, X, y=None):
+        RowSpy.fitted.append(frozenset(X[:, 0].astype(int)))
+        return self
+
+    def transform(self, X):
+        return X[:, 1:]
+
+
+def test_scaler_and_search_are_fitted_inside_the_folds():
+    table, signal, _ = make_cohort(n=60)
+    table.index = range(60)
+    RowSpy.fitted = []
+    spied = FeatureSet(np.column_stack([np.arange(60), signal]), steps=(("spy", RowSpy()),))
+    _, predictions = run_probes(
+        {"spied": spied},
+        table,
+        ["age"],
+        n_splits=3,
+        n_repeats=2,
+        include_chance=False,
+        return_predictions=True,
+        **FAST,
+    )
+    every_row = set(range(60))
+    trains = [every_row - test for test in outer_folds(predictions).values()]
+    # Per outer fold: one fit per inner split (cached across the penalty candidates) and the refit.
+    assert len(RowSpy.fitted) == len(trains) * (FAST["inner_splits"] + 1)
+    for seen in RowSpy.fitted:
+        assert any(seen <= train for train in trains), "a fit saw rows of every outer test fold"
+    for train in trains:
+        assert train in RowSpy.fitted  # the refit on the whole outer training fold
+    inner = [seen for seen in RowSpy.fitted if seen not in trains]
+    assert inner and all(len(seen) < min(map(len, trains)) for seen in inner)
+
+
+@pytest.mark.filterwarnings("error")
+def test_classification_folds_are_stratified_by_class_and_site():
+    table, signal, _ = make_cohort(n=90, seed=1)
+    table.loc[table.index[:2], "site"] = "tiny"  # a site too small for 5 folds must not break
+    _, predictions = run_probes(
+        {"signal": signal},
+        table,
+        ["sex"],
+        n_splits=5,
+        n_repeats=1,
+        include_chance=False,
+        return_predictions=True,
+        **FAST,
+    )
+    merged = predictions.merge(table[["sex", "site"]], left_on="row", right_index=True)
+    for (_, sex, site), cell in merged.groupby(["repeat", "sex", "site"]):
+        if site != "tiny" and len(cell) >= 5:
+            counts = cell["fold"].value_counts().reindex(range(5), fill_value=0)
+            assert counts.max() - counts.min() <= 1, (sex, site)
+
+
+def test_regression_folds_cover_every_site():
+    table, signal, _ = make_cohort(n=60, seed=2)
+    _, predictions = run_probes(
+        {"signal": signal},
+        table,
+        ["age"],
+        n_splits=4,
+        n_repeats=1,
+        return_predictions=True,
+        include_chance=False,
+        **FAST,
+    )
+    merged = predictions.merge(table[["site"]], left_on="row", right_index=True)
+    assert merged.groupby("fold")["site"].nunique().eq(3).all()
+
+
+def test_sessions_of_one_participant_stay_in_one_fold_inner_and_outer():
+    table, signal, _ = make_cohort(n=60, seed=3)
+    table["participant_id"] = [f"sub-{i // 2:03d}" for i in range(60)]  # two sessions each
+    table["session_id"] = ["ses-1", "ses-2"] * 30
+    table.index = range(60)
+    RowSpy.fitted = []
+    spied = FeatureSet(np.column_stack([np.arange(60), signal]), steps=(("spy", RowSpy()),))
+    _, predictions = run_probes(
+        {"spied": spied},
+        table,
+        ["age", "sex"],
+        n_splits=3,
+        n_repeats=1,
+        include_chance=False,
+        return_predictions=True,
+        **FAST,
+    )
+    assert {"participant_id", "session_id"} <= set(predictions.columns)
+    assert predictions.groupby(["target", "repeat", "participant_id"])["fold"].nunique().eq(1).all()
+    for seen in RowSpy.fitted:  # row 2k and 2k+1 are one participant
+        assert all((2 * (r // 2) in seen) == (2 * (r // 2) + 1 in seen) for r in seen)
+
+
+def test_missing_targets_are_dropped_for_every_feature_set():
+    table, signal, noise = make_cohort(n=60)
+    table.loc[table.index[:7], "age"] = np.nan
+    table.loc[table.index[5:9], "sex"] = None
+    scores, predictions = run_probes(
+        {"signal": signal, "noise": noise},
+        table,
+        ["age", "sex"],
+        n_splits=3,
+        n_repeats=1,
+        return_predictions=True,
+        **FAST,
+    )
+    assert scores.groupby("target")["n_samples"].unique().map(list).to_dict() == {
+        "age": [53],
+        "sex": [56],
+    }
+    assert not set(table.index[:7]) & set(predictions.query("target == 'age'")["row"])
+
+
+def test_dataframes_align_by_index_and_arrays_by_position():
+    table, signal, _ = make_cohort(n=48)
+    frame = pd.DataFrame(signal, index=table.index).iloc[::-1]  # reversed order, same labels
+    common = dict(n_splits=3, n_repeats=1, include_chance=False, **FAST)
+    by_position = run_probes({"x": signal}, table, ["age"], **common)
+    by_label = run_probes({"x": frame}, table, ["age"], **common)
+    pd.testing.assert_frame_equal(by_position, by_label)
+
+
+@pytest.mark.parametrize(
+    ("features", "message"),
+    [
+        (np.zeros((47, 3)), "one row per table row"),
+        (
+            pd.DataFrame(np.zeros((47, 3)), index=[f"scan{i}" for i in range(47)]),
+            "have no features",
+        ),
+        (np.full((48, 3), np.nan), "status != 'ok'"),
+        (pd.DataFrame({"id": ["a"] * 48}, index=[f"scan{i}" for i in range(48)]), "column 'id'"),
+    ],
+)
+def test_misaligned_or_bad_features_are_user_errors(features, message):
+    table, _, _ = make_cohort(n=48)
+    with pytest.raises(UserError, match="feature set 'bad'") as error:
+        run_probes({"bad": features}, table, ["age"], n_splits=3, n_repeats=1, **FAST)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("values", "task"),
+    [
+        (["M", "F", "F", None], "classification"),
+        ([0, 1, 1, 0], "classification"),
+        ([True, False, True, True], "classification"),
+        ([20.5, 31.0, 44.2, np.nan], "regression"),
+    ],
+)
+def test_task_inference(values, task):
+    assert infer_task(pd.Series(values), "col") == task
+
+
+@pytest.mark.parametrize("values", [["a", "b", "c"], [3.0, 3.0, np.nan], ["M", "M", "M"]])
+def test_unusable_targets_are_user_errors_naming_the_column(values):
+    with pytest.raises(UserError, match="column 'diagnosis'"):
+        infer_task(pd.Series(values), "diagnosis")
+
+
+def test_target_errors_name_the_column_and_the_fix():
+    table, signal, _ = make_cohort(n=40)
+    common = dict(n_splits=5, n_repeats=1, **FAST)
+    with pytest.raises(UserError, match="column 'bmi' is not in the cohort table"):
+        run_probes({"x": signal}, table, ["bmi"], **common)
+    table["rare"] = ["yes"] * 37 + ["no"] * 3
+    with pytest.raises(UserError, match="column 'rare' has only 3 row.*lower n_splits"):
+        run_probes({"x": signal}, table, ["rare"], **common)
+    with pytest.raises(UserError, match="column 'sex' is not numeric"):
+        run_probes({"x": signal}, table, ["sex"], task_types={"sex": "regression"}, **common)
+
+
+def test_same_seed_same_scores_other_seed_other_folds():
+    table, signal, _ = make_cohort(n=40)
+    common = dict(n_splits=4, n_repeats=1, return_predictions=True, include_chance=False, **FAST)
+    first = run_probes({"x": signal}, table, ["age"], seed=3, **common)
+    again = run_probes({"x": signal}, table, ["age"], seed=3, **common)
+    other = run_probes({"x": signal}, table, ["age"], seed=4, **common)
+    pd.testing.assert_frame_equal(first[0], again[0])
+    assert outer_folds(first[1]) != outer_folds(other[1])
+
+
+def write_volumes(tmp_path, volumes):
+    paths = []
+    for i, volume in enumerate(volumes):
+        paths.append(tmp_path / f"sub-{i:02d}.nii.gz")
+        nib.save(nib.Nifti1Image(volume.astype(np.float32), np.eye(4)), paths[-1])
+    return paths
+
+
+def test_block_average_is_the_mean_of_each_block():
+    volume = np.random.default_rng(0).normal(size=(9, 8, 7))
+    out = block_average(volume, 2)
+    assert out.shape == (4, 4, 3)
+    for i, j, k in itertools.product(range(4), range(4), range(3)):
+        block = [
+            volume[2 * i + a, 2 * j + b, 2 * k + c] for a in (0, 1) for b in (0, 1) for c in (0, 1)
+        ]
+        assert out[i, j, k] == pytest.approx(sum(block) / 8)
+
+
+def test_intensity_pca_baseline_is_fitted_in_folds_and_predicts(tmp_path):
+    rng = np.random.default_rng(0)
+    brightness = rng.uniform(1, 2, size=30)
+    volumes = [b * np.ones((8, 8, 8)) + 0.01 * rng.normal(size=(8, 8, 8)) for b in brightness]
+    paths = write_volumes(tmp_path, volumes)
+    flat = downsampled_intensities(paths, downsample=4)
+    assert flat.shape == (30, 8)
+    assert flat[3, 0] == pytest.approx(volumes[3][:4, :4, :4].mean(), abs=1e-5)
+
+    table = pd.DataFrame({"age": 20 + 30 * brightness})
+    baseline = intensity_pca_features(paths, n_components=2, downsample=4)
+    assert baseline.X.shape == (30, 8) and baseline.steps[0][0] == "pca"
+    scores = run_probes({"pca": baseline}, table, ["age"], n_splits=3, n_repeats=1, **FAST)
+    assert score(scores, "pca", "age", "r2")["mean"] > 0.95
+
+    too_many = intensity_pca_features(paths, n_components=16, downsample=2)  # 13-row inner folds
+    with pytest.raises(UserError, match="probes.pca.n_components"):
+        run_probes({"pca": too_many}, table, ["age"], n_splits=3, n_repeats=1, **FAST)
+
+
+def test_volume_reading_errors_name_the_file(tmp_path):
+    paths = write_volumes(tmp_path, [np.zeros((8, 8, 8)), np.zeros((8, 8, 6))])
+    with pytest.raises(UserError, match="sub-01.nii.gz: shape"):
+        downsampled_intensities(paths, downsample=2)
+    (tmp_path / "broken.nii.gz").write_text("not a volume")
+    with pytest.raises(UserError, match="broken.nii.gz: cannot read"):
+        downsampled_intensities([tmp_path / "broken.nii.gz"])
+
+
+def test_brain_volume_feature():
+    qc = pd.DataFrame({"brain_volume_ml": [1100.0, 1250.5], "tiv": [1500, 1600]})
+    assert brain_volume_feature(qc).tolist() == [[1100.0], [1250.5]]
+    assert brain_volume_feature(qc, column="tiv").shape == (2, 1)
+    with pytest.raises(UserError, match="no column 'volume'.*probes.brain_volume_column"):
+        brain_volume_feature(qc, column="volume")
+    qc.loc[1, "brain_volume_ml"] = np.nan
+    with pytest.raises(UserError, match="'brain_volume_ml' is missing"):
+        brain_volume_feature(qc)
+
+
+def test_probe_table_formats_and_round_trips(tmp_path):
+    scores = pd.DataFrame(
+        {
+            "feature_set": ["chance", "chance", "dino", "dino"],
+            "target": ["age", "sex", "age", "sex"],
+            "task": ["regression", "classification"] * 2,
+            "metric": ["mae", "roc_auc", "mae", "roc_auc"],
+            "mean": [8.123, 0.5, 4.5678, 0.91234],
+            "std": [0.5, 0.0, 0.25, 0.0321],
+            "n_folds": 15,
+            "n_samples": 100,
+            "n_features": [0, 0, 384, 384],
+        }
+    )
+    assert format_probe_table(scores).splitlines() == [
+        "| feature set | age MAE | sex ROC-AUC |",
+        "|---|---|---|",
+        "| chance | 8.12 ± 0.50 | 0.500 ± 0.000 |",
+        "| dino | 4.57 ± 0.25 | 0.912 ± 0.032 |",
+    ]
+    path = tmp_path / "probes" / "scores.tsv"
+    write_probe_table(scores, path)
+    back = pd.read_csv(path, sep="\t")
+    pd.testing.assert_frame_equal(back, scores, check_dtype=False)
