@@ -41,6 +41,7 @@ include: "pipeline/rules/preprocess.smk"
 include: "pipeline/rules/train.smk"
 include: "pipeline/rules/extract.smk"
 include: "pipeline/rules/tables.smk"
+include: "pipeline/rules/probe.smk"
 
 
 rule all:
@@ -51,3 +52,4 @@ rule all:
         f"{OUT}/model/training_curves.png",
         f"{OUT}/features/cohort.tsv",
         f"{OUT}/features/cohort.parquet",
+        f"{OUT}/probes/scores.tsv",

@@ -31,7 +31,15 @@ def test_dry_run_dag_without_sessions(tmp_path, bids):
     )
     assert res.returncode == 0, res.stderr
     jobs = _jobs(res.stdout)
-    assert jobs == {"preprocess": 3, "qc_table": 1, "train": 1, "extract": 1, "cohort": 1, "all": 1}
+    assert jobs == {
+        "preprocess": 3,
+        "qc_table": 1,
+        "train": 1,
+        "extract": 1,
+        "cohort": 1,
+        "probe": 1,
+        "all": 1,
+    }
     assert "out/preproc/sub-02" in res.stdout
     assert not (REPO / "out").exists()
 

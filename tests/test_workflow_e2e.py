@@ -15,8 +15,6 @@ import yaml
 
 from workflow_helpers import SNAKEFILE, snakemake
 
-# Temporary guard while the preprocessing package lands (removed in the same series of commits).
-# pytest.importorskip("nidl_dino.preprocessing")
 
 TINY = {
     "preprocessing": {"resample": {"spacing_mm": 6.0}},
@@ -26,6 +24,7 @@ TINY = {
     "dino": {"proj_hidden_dim": 32, "proj_bottleneck_dim": 16, "proj_output_dim": 64},
     "trainer": {"max_epochs": 2, "accelerator": "cpu"},
     "demo": {"enabled": False},
+    "probes": {"n_splits": 2, "n_repeats": 1, "inner_splits": 2, "pca": {"n_components": 1}},
 }
 
 
@@ -93,6 +92,10 @@ def test_tiny_end_to_end_run(cohort):
         assert (folder / f"{scan}_desc-preproc_T1w.nii.gz").exists()
         assert (folder / f"{scan}_from-T1w_to-MNI152_xfm.mat").exists()
         assert (folder / f"{scan}_qc.png").exists()
+
+    # probes ran, or say in their table why a 4-scan cohort could not be probed
+    assert (out / "probes/scores.tsv").exists() and (out / "probes/predictions.tsv").exists()
+    assert (out / "probes/probe_table.md").read_text().strip()
 
     # nothing to do on a second run
     res = snakemake(root, "-n", "--cores", "1", "--configfile", str(_overlay(root, "out")))

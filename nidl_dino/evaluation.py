@@ -1,0 +1,153 @@
+"""Are the features any good? DINO features against baselines, on the same scans and folds.
+
+The ``probe`` rule calls :func:`evaluate_cohort`. Feature sets, all restricted to the scans that
+passed QC, aligned row by row with the cohort table:
+
+- ``dino``: the teacher features of the cohort table;
+- ``random_encoder``: the same encoder architecture with random (untrained) weights, seeded;
+- ``intensity_pca``: block-averaged intensities of the preprocessed volumes, PCA fitted inside
+  every training fold (no leakage);
+- ``brain_volume``: the brain volume measured by preprocessing QC, as a one-feature model;
+- ``chance``: the training-fold mean (regression) or class prior (classification).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from nidl_dino.baselines import brain_volume_feature, intensity_pca_features
+from nidl_dino.errors import UserError
+from nidl_dino.features import FEATURE_PREFIX, extract_features, load_teacher
+from nidl_dino.probes import run_probes
+from nidl_dino.tables import preprocessed_volume
+
+log = logging.getLogger(__name__)
+
+
+def random_encoder_like(teacher_path: str | os.PathLike, seed: int = 0) -> torch.nn.Module:
+    """The teacher's architecture with freshly initialised weights (seeded), in eval mode."""
+    from nidl_dino.encoders import build_encoder
+
+    _, info = load_teacher(teacher_path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = build_encoder(info["encoder"], in_channels=1, image_size=None)
+    return encoder.eval()
+
+
+def feature_sets_for(
+    cohort: pd.DataFrame,
+    qc: pd.DataFrame,
+    teacher_path: str | os.PathLike,
+    preproc_dir: str | os.PathLike,
+    config: Mapping[str, Any],
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The ok rows of the cohort table, and every feature set aligned with them (by position).
+
+    Args:
+        cohort: the cohort table (``features/cohort.parquet``).
+        qc: the QC table (for ``scan_id`` and the brain volume).
+        teacher_path: the trained teacher (for the random-weights baseline's architecture).
+        preproc_dir: the preprocessing folder (volumes for the intensity baseline).
+        config: the ``probes:`` section, plus ``extract`` and ``seed``.
+    """
+    ids = ["participant_id", "session_id"]
+    table = cohort[cohort["status"] == "ok"].reset_index(drop=True)
+    qc = qc.copy()
+    qc["session_id"] = qc["session_id"].fillna("").astype(str)
+    table["session_id"] = table["session_id"].fillna("").astype(str)
+    qc_rows = table[ids].merge(qc, on=ids, how="left")
+    paths = [str(preprocessed_volume(preproc_dir, s)) for s in qc_rows["scan_id"]]
+
+    feature_columns = [c for c in table.columns if c.startswith(FEATURE_PREFIX)]
+    sets: dict[str, Any] = {"dino": table[feature_columns].to_numpy(dtype=np.float32)}
+    extract = config.get("extract", {}) or {}
+    random_encoder = random_encoder_like(teacher_path, seed=int(config.get("seed", 0)))
+    sets["random_encoder"] = extract_features(
+        random_encoder,
+        paths,
+        batch_size=int(extract.get("batch_size", 4)),
+        num_workers=int(extract.get("num_workers", 0)),
+        accelerator="cpu",
+    )
+    pca = config.get("pca", {}) or {}
+    sets["intensity_pca"] = intensity_pca_features(
+        paths,
+        n_components=int(pca.get("n_components", 32)),
+        downsample=int(pca.get("downsample", 8)),
+        seed=int(config.get("seed", 0)),
+    )
+    column = config.get("brain_volume_column", "brain_volume_ml")
+    qc_column = next((c for c in qc_rows.columns if c == column or c.endswith(f".{column}")), None)
+    if qc_column is not None:
+        sets["brain_volume"] = brain_volume_feature(qc_rows, column=qc_column)
+    else:
+        log.warning("no %s column in qc.tsv: the brain-volume baseline is skipped", column)
+    return table, sets
+
+
+def evaluate_cohort(
+    cohort: pd.DataFrame,
+    qc: pd.DataFrame,
+    teacher_path: str | os.PathLike,
+    preproc_dir: str | os.PathLike,
+    config: Mapping[str, Any],
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Cross-validated probes of every feature set for the configured targets.
+
+    Targets missing from the cohort table are skipped with a warning (a cohort without age has
+    no age probe), and a cohort too small for the folds skips the probes with its reason, so the
+    workflow never fails for a missing phenotype or a small cohort.
+
+    Returns:
+        ``(scores, predictions, note)``: scores and predictions as
+        :func:`nidl_dino.probes.run_probes` returns them (empty when nothing could be probed),
+        and a one-line note saying why when something was skipped ("" otherwise).
+    """
+    table, sets = feature_sets_for(cohort, qc, teacher_path, preproc_dir, config)
+    targets = [t for t in config.get("targets", ["age", "sex"]) if t in table.columns]
+    for missing in set(config.get("targets", [])) - set(targets):
+        log.warning("probe target %r is not a column of the cohort table: skipped", missing)
+    missing = sorted(set(config.get("targets", [])) - set(targets))
+    note = f"targets not in the cohort table: {', '.join(missing)}" if missing else ""
+    if not targets:
+        return pd.DataFrame(), pd.DataFrame(), note or "no probe target configured"
+    stratify_by = config.get("stratify_by", "site")
+    if stratify_by not in table.columns:
+        stratify_by = None
+    group_by = config.get("group_by", "participant_id")
+    notes = [note] if note else []
+    all_scores, all_predictions = [], []
+    for target in targets:  # one target at a time: a target the folds cannot take skips alone
+        try:
+            scores, predictions = run_probes(
+                sets,
+                table,
+                [target],
+                n_splits=int(config.get("n_splits", 5)),
+                n_repeats=int(config.get("n_repeats", 3)),
+                seed=int(config.get("seed", 0)),
+                stratify_by=stratify_by,
+                task_types=config.get("task_types") or None,
+                group_by=group_by if group_by in table.columns else None,
+                inner_splits=int(config.get("inner_splits", 3)),
+                return_predictions=True,
+            )
+        except UserError as err:
+            log.warning("probe of %r skipped: %s", target, err)
+            notes.append(f"probe of '{target}' skipped: {err}")
+            continue
+        all_scores.append(scores)
+        all_predictions.append(predictions)
+    if not all_scores:
+        return pd.DataFrame(), pd.DataFrame(), "; ".join(notes)
+    scores = pd.concat(all_scores, ignore_index=True)
+    predictions = pd.concat(all_predictions, ignore_index=True)
+    return scores, predictions, "; ".join(notes)

@@ -1,0 +1,324 @@
+"""The preprocessing entry point: one scan in, a volume in MNI space and its QC record out.
+
+Steps, each a function of its own module and each switchable in the config:
+
+1. read and validate (io, validate): one finite, non-constant 3D volume with a usable affine;
+2. reorient to RAS+ (orientation): exact, no interpolation;
+3. block-average to the working resolution (resample), where N4 (bias) and the affine
+   registration to MNI152 (registration) run;
+4. one interpolation of the native volume onto the fixed MNI grid (resample), divided by the
+   bias field interpolated the same way;
+5. brain mask from the template, dilated (mask); intensity normalisation inside it (normalize);
+6. QC measures and flags (qc); a flagged scan is excluded with its reason.
+
+Any problem with the input becomes an ``excluded`` record with a one-line reason; only
+programming errors raise.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from nidl_dino.errors import ScanRejected
+from nidl_dino.preprocessing.ants_bridge import write_ras_transform
+from nidl_dino.preprocessing.bias import n4_bias_field
+from nidl_dino.preprocessing.config import merge_config
+from nidl_dino.preprocessing.io import atomic_path, read_nifti, save_nifti_atomic, write_json_atomic
+from nidl_dino.preprocessing.mask import brain_mask_on_grid, foreground_mask
+from nidl_dino.preprocessing.normalize import normalize_intensity
+from nidl_dino.preprocessing.orientation import axis_codes, reorient_to_ras
+from nidl_dino.preprocessing.qc import (
+    foreground_flag,
+    intensity_stats,
+    qc_flags,
+    save_qc_png,
+    save_text_png,
+    similarity_to_template,
+)
+from nidl_dino.preprocessing.registration import register_to_template, scaling_determinant
+from nidl_dino.preprocessing.resample import (
+    block_average,
+    block_factors,
+    inside_fov,
+    output_grid,
+    resample_to_grid,
+)
+from nidl_dino.preprocessing.template import brain_volume_ml_1mm
+from nidl_dino.preprocessing.validate import describe_input, validate_image
+
+TEMPLATE_NAME = "MNI152 ICBM 2009 T1, skull-stripped (nilearn.datasets.load_mni152_template)"
+
+
+def output_paths(out_dir: str | os.PathLike, prefix: str) -> dict[str, Path]:
+    """The four files of a scan: ``volume``, ``transform``, ``qc_json``, ``qc_png``."""
+    out_dir = Path(out_dir)
+    return {
+        "volume": out_dir / f"{prefix}_desc-preproc_T1w.nii.gz",
+        "transform": out_dir / f"{prefix}_from-T1w_to-MNI152_xfm.mat",
+        "qc_json": out_dir / f"{prefix}_qc.json",
+        "qc_png": out_dir / f"{prefix}_qc.png",
+    }
+
+
+class _Processed:
+    """What the steps produce for the writers: the volume, its grid and the transform."""
+
+    def __init__(self, volume: np.ndarray, grid_affine: np.ndarray, transform: np.ndarray):
+        self.volume = volume
+        self.grid_affine = grid_affine
+        self.transform = transform
+
+
+def preprocess_scan(
+    in_file: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    prefix: str,
+    config: dict[str, Any] | None = None,
+    ids: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Preprocess one T1w scan into MNI space and write its outputs and QC record.
+
+    Files written in ``out_dir`` (each atomically: temporary name, then rename):
+
+    - ``<prefix>_desc-preproc_T1w.nii.gz``: float32 volume on the fixed MNI grid (sform and
+      qform code MNI), normalised, masked unless ``mask.keep_head``;
+    - ``<prefix>_from-T1w_to-MNI152_xfm.mat``: the affine as an ITK/ANTs file. ITK convention:
+      it maps MNI points to T1w points, i.e. it is the transform that resamples the T1w image
+      onto MNI (``ants.apply_transforms(fixed=mni, moving=t1w, transformlist=[xfm])``); a T1w
+      point goes to MNI with its inverse. Identity when registration is off.
+    - ``<prefix>_qc.png``: three orthogonal slices with the template outline;
+    - ``<prefix>_qc.json``: the QC record, written last.
+
+    An excluded scan gets only the QC JSON and PNG (any volume or transform left by an earlier
+    run is removed).
+
+    Args:
+        in_file: the NIfTI file (``.nii`` or ``.nii.gz``).
+        out_dir: output folder, created if needed.
+        prefix: file name prefix, e.g. ``sub-01_ses-1``.
+        config: the ``preprocessing:`` config section, possibly partial; merged over
+            :data:`~nidl_dino.preprocessing.DEFAULT_CONFIG`.
+        ids: identifiers copied into the record (e.g. ``participant_id``, ``session_id``).
+
+    Returns:
+        The QC record (as written to the JSON): ids, ``input_file``, ``status`` (``"ok"`` or
+        ``"excluded"``), ``reason`` (``""`` when ok), ``flags``, ``input``, ``metrics``,
+        ``steps``, ``outputs``, ``timings_s``, ``software``.
+
+    Raises:
+        UserError: an invalid ``config`` (unknown key or value), not a property of the scan.
+    """
+    cfg = merge_config(config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = output_paths(out_dir, prefix)
+    record: dict[str, Any] = {
+        **(ids or {}),
+        "input_file": str(in_file),
+        "status": "ok",
+        "reason": "",
+        "flags": [],
+        "input": {},
+        "metrics": {},
+        "steps": {},
+        "outputs": {},
+        "timings_s": {},
+        "software": _software_versions(),
+    }
+    start = time.perf_counter()
+    processed = None
+    try:
+        processed = _process(Path(in_file), cfg, record)
+        flags = qc_flags(record["metrics"], cfg["qc"])
+        if flags:
+            record["flags"] = flags
+            raise ScanRejected("; ".join(flags), str(in_file))
+    except ScanRejected as rejected:
+        record["status"] = "excluded"
+        record["reason"] = rejected.reason
+        if not record["flags"]:
+            record["flags"] = [rejected.reason]
+
+    tick = time.perf_counter()
+    if record["status"] == "ok":
+        _write_volume(processed, paths["volume"])
+        with atomic_path(paths["transform"]) as tmp:
+            write_ras_transform(processed.transform, tmp)
+        record["outputs"] = {
+            "volume": paths["volume"].name,
+            "transform": paths["transform"].name,
+            "qc_png": paths["qc_png"].name,
+        }
+    else:
+        for key in ("volume", "transform"):
+            paths[key].unlink(missing_ok=True)
+        record["outputs"] = {"qc_png": paths["qc_png"].name}
+    title = f"{prefix}: {record['status']}"
+    if processed is not None:
+        save_qc_png(
+            paths["qc_png"], processed.volume, processed.grid_affine, title, record["reason"]
+        )
+    else:
+        save_text_png(paths["qc_png"], f"{prefix}: excluded", record["reason"])
+    record["timings_s"]["write"] = round(time.perf_counter() - tick, 3)
+    record["timings_s"]["total"] = round(time.perf_counter() - start, 3)
+    write_json_atomic(record, paths["qc_json"])
+    return record
+
+
+def _process(in_file: Path, cfg: dict[str, Any], record: dict[str, Any]) -> _Processed:
+    """Run the steps, filling ``record``; raise ScanRejected for an unusable input."""
+    timings, steps, metrics = record["timings_s"], record["steps"], record["metrics"]
+    clock = _Clock(timings)
+
+    img = read_nifti(in_file)
+    record["input"] = describe_input(img)
+    data, affine = validate_image(img, cfg["validation"], str(in_file))
+    del img
+    record["input"]["intensity_range"] = [float(data.min()), float(data.max())]
+    clock.lap("load")
+
+    if cfg["reorient"]:
+        data, affine = reorient_to_ras(data, affine)
+    steps["reorient"] = {
+        "applied": bool(cfg["reorient"]),
+        "from": record["input"]["orientation"],
+        "to": axis_codes(affine),
+    }
+    clock.lap("reorient")
+
+    working = float(cfg["working_spacing_mm"])
+    work, work_affine = block_average(data, affine, block_factors(affine, working))
+    head = foreground_mask(work)
+    metrics["foreground_fraction"] = float(head.mean())
+    flag = foreground_flag(metrics["foreground_fraction"], cfg["qc"])
+    if flag:
+        raise ScanRejected(flag, str(in_file))
+    clock.lap("working_image")
+
+    bias = cfg["bias_correction"]
+    field = None
+    if bias["enabled"]:
+        try:
+            field = n4_bias_field(work, work_affine, head, bias)
+        except RuntimeError as err:  # ANTs reports a failed filter as RuntimeError
+            raise ScanRejected(f"bias correction failed ({_one_line(err)})", str(in_file)) from None
+        work = work / field
+    steps["bias_correction"] = {**bias, "method": "N4 (ANTs)", "applied": bool(bias["enabled"])}
+    steps["bias_correction"]["fit_spacing_mm"] = _spacing(work_affine, bias["shrink_factor"])
+    clock.lap("bias_correction")
+
+    reg = cfg["registration"]
+    transform = np.eye(4)
+    if reg["enabled"]:
+        try:
+            transform = register_to_template(work, work_affine, reg, working)
+        except RuntimeError as err:  # ANTs reports a failed registration as RuntimeError
+            raise ScanRejected(f"registration failed ({_one_line(err)})", str(in_file)) from None
+    steps["registration"] = {
+        **reg,
+        "applied": bool(reg["enabled"]),
+        "template": TEMPLATE_NAME,
+        "working_spacing_mm": _spacing(work_affine),
+        "template_to_subject_ras": np.round(transform, 6).tolist(),
+        "scaling_determinant": round(scaling_determinant(transform), 4),
+    }
+    clock.lap("registration")
+
+    res = cfg["resample"]
+    grid_shape, grid_affine = output_grid(res)
+    factors = (
+        block_factors(affine, res["spacing_mm"], at_most=True) if res["antialias"] else [1] * 3
+    )
+    source, source_affine = block_average(data, affine, factors)
+    volume = resample_to_grid(
+        source, source_affine, grid_shape, grid_affine, transform, order=int(res["order"])
+    )
+    if field is not None:
+        volume /= resample_to_grid(
+            field, work_affine, grid_shape, grid_affine, transform, order=1, mode="nearest"
+        )
+    in_fov = inside_fov(grid_shape, grid_affine, data.shape, affine, transform)
+    del data, source
+    steps["resample"] = {
+        **res,
+        "applied": True,
+        "shape": list(grid_shape),
+        "antialias_block": factors,
+    }
+    clock.lap("resample")
+
+    msk = cfg["mask"]
+    brain = brain_mask_on_grid(grid_shape, grid_affine)
+    mask = brain_mask_on_grid(grid_shape, grid_affine, float(msk["dilation_mm"]))
+    voxel_ml = abs(np.linalg.det(grid_affine[:3, :3])) / 1000.0
+    metrics["registration_similarity"] = round(
+        similarity_to_template(work, work_affine, transform, working), 4
+    )
+    metrics["brain_volume_ml"] = round(brain_volume_ml_1mm() * scaling_determinant(transform), 1)
+    metrics["mask_volume_ml"] = round(float(mask.sum() * voxel_ml), 1) if msk["enabled"] else None
+    metrics["outside_fov_fraction"] = round(float(1.0 - in_fov[brain].mean()), 4)
+    metrics["intensity"] = intensity_stats(volume, brain & in_fov)
+    steps["mask"] = {**msk, "applied": bool(msk["enabled"]), "source": "template > 0.2, dilated"}
+    clock.lap("mask_qc")
+
+    norm = cfg["normalization"]
+    # Voxels outside the input's field of view are zeros of the padding, not intensities.
+    stats_mask = mask & in_fov if msk["enabled"] else in_fov
+    if not stats_mask.any():
+        raise ScanRejected("the brain mask lies entirely outside the field of view", str(in_file))
+    volume, used = normalize_intensity(volume, stats_mask, norm)
+    if msk["enabled"] and not msk["keep_head"]:
+        volume[~mask] = 0.0
+    steps["normalization"] = {**norm, "applied": norm["method"] != "none", "statistics": used}
+    clock.lap("normalization")
+    return _Processed(volume, grid_affine, transform)
+
+
+def _write_volume(processed: _Processed, path: Path) -> None:
+    img = nib.Nifti1Image(processed.volume.astype(np.float32), processed.grid_affine)
+    img.set_sform(processed.grid_affine, code="mni")
+    img.set_qform(processed.grid_affine, code="mni")
+    img.header.set_xyzt_units("mm")
+    save_nifti_atomic(img, path)
+
+
+class _Clock:
+    """Seconds per step into a dict, for the record and the benchmark."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self.last, 3)
+        self.last = now
+
+
+def _spacing(affine: np.ndarray, factor: int = 1) -> list[float]:
+    return [round(float(z) * factor, 3) for z in np.linalg.norm(affine[:3, :3], axis=0)]
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _software_versions() -> dict[str, str]:
+    # From the installed metadata: importing the packages just for this would cost seconds.
+    import nidl_dino
+
+    versions = {"nidl_dino": nidl_dino.__version__}
+    for package in ("antspyx", "nibabel", "nilearn", "numpy", "scipy"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions

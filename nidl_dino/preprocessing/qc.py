@@ -1,0 +1,203 @@
+"""Quality control: measures, automatic exclusion flags and the QC picture.
+
+Every measure goes into the QC record; a measure outside its configured range becomes a flag,
+and a flagged scan is excluded with the flags as its reason (never silently kept).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from nidl_dino.preprocessing.io import atomic_path
+from nidl_dino.preprocessing.resample import inside_fov, resample_to_grid
+from nidl_dino.preprocessing.template import BRAIN_THRESHOLD, template_at, template_on_grid
+
+
+def similarity_to_template(
+    data: np.ndarray,
+    affine: np.ndarray,
+    template_to_subject: np.ndarray,
+    working_spacing_mm: float,
+) -> float:
+    """Pearson correlation between the registered subject and the template, inside the brain.
+
+    Measured at working resolution (where noise is averaged out) over the template brain mask
+    (template > 0.2) within the subject's field of view (a cut-off brain is the separate
+    ``outside_fov_fraction``), where both images are T1-weighted brain. About 0.8-0.95 for a
+    good registration of a T1w head; low or negative for a failed registration or another
+    contrast.
+
+    Args:
+        data: subject array of shape (X, Y, Z) at working resolution (bias-corrected).
+        affine: its 4x4 affine (subject RAS+ mm).
+        template_to_subject: 4x4 world matrix from template to subject RAS+ mm.
+        working_spacing_mm: resolution of the template to compare with (mm).
+
+    Returns:
+        The correlation in [-1, 1]; 0 when the subject is constant inside the mask or the brain
+        maps entirely outside the image.
+    """
+    tpl, tpl_affine = template_at(working_spacing_mm)
+    moved = resample_to_grid(data, affine, tpl.shape, tpl_affine, template_to_subject, order=1)
+    inside = (tpl > BRAIN_THRESHOLD) & inside_fov(
+        tpl.shape, tpl_affine, data.shape, affine, template_to_subject
+    )
+    if np.count_nonzero(inside) < 2:
+        return 0.0
+    x = moved[inside].astype(np.float64)
+    y = tpl[inside].astype(np.float64)
+    x -= x.mean()
+    y -= y.mean()
+    denominator = float(np.sqrt((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / denominator) if denominator > 0 else 0.0
+
+
+def intensity_stats(data: np.ndarray, mask: np.ndarray) -> dict[str, float | None]:
+    """Intensity statistics inside a mask: percentiles 1/50/99, mean, std, min, max, p99/p50.
+
+    ``p99_over_p50`` is None when the median is not positive (ratio undefined).
+    """
+    values = np.asarray(data[mask], dtype=np.float64)
+    if values.size == 0:
+        return {"p1": None, "p50": None, "p99": None, "mean": None, "std": None,
+                "min": None, "max": None, "p99_over_p50": None}  # fmt: skip
+    p1, p50, p99 = (float(v) for v in np.percentile(values, [1, 50, 99]))
+    return {
+        "p1": p1,
+        "p50": p50,
+        "p99": p99,
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "p99_over_p50": p99 / p50 if p50 > 0 else None,
+    }
+
+
+def _outside(value: float, bounds: list[float] | None) -> bool:
+    return bounds is not None and not float(bounds[0]) <= value <= float(bounds[1])
+
+
+def foreground_flag(fraction: float, qc: dict[str, Any]) -> str | None:
+    """The flag for a head foreground fraction outside ``qc.foreground_fraction``, else None."""
+    bounds = qc["foreground_fraction"]
+    if _outside(fraction, bounds):
+        return f"foreground fraction {fraction:.3f} outside {bounds[0]:g}-{bounds[1]:g}"
+    return None
+
+
+def qc_flags(metrics: dict[str, Any], qc: dict[str, Any]) -> list[str]:
+    """Reasons to exclude a processed scan, one short sentence each; empty when it passes.
+
+    Args:
+        metrics: the record's ``metrics`` (``registration_similarity``, ``brain_volume_ml``,
+            ``outside_fov_fraction``, ``intensity`` stats inside the brain).
+        qc: the ``qc`` config section; a None threshold is not checked.
+    """
+    flags = []
+    similarity = metrics["registration_similarity"]
+    if qc["min_similarity"] is not None and similarity < float(qc["min_similarity"]):
+        flags.append(
+            f"registration similarity {similarity:.2f} below threshold {qc['min_similarity']:g}"
+        )
+    volume, bounds = metrics["brain_volume_ml"], qc["brain_volume_ml"]
+    if volume is not None and _outside(volume, bounds):
+        flags.append(
+            f"implausible brain volume {volume:.0f} ml (allowed {bounds[0]:g}-{bounds[1]:g} ml)"
+        )
+    outside, limit = metrics["outside_fov_fraction"], qc["max_outside_fov_fraction"]
+    if limit is not None and outside > float(limit):
+        flags.append(
+            f"{100 * outside:.0f}% of the brain mask is outside the field of view "
+            f"(allowed {100 * float(limit):g}%)"
+        )
+    bounds = qc["intensity_p99_over_p50"]
+    if bounds is not None:
+        ratio = metrics["intensity"]["p99_over_p50"]
+        if ratio is None:
+            flags.append("extreme intensity statistics: in-brain median intensity is not positive")
+        elif _outside(ratio, bounds):
+            flags.append(
+                f"extreme intensity statistics: in-brain p99/p50 {ratio:.2f} "
+                f"(allowed {bounds[0]:g}-{bounds[1]:g})"
+            )
+    return flags
+
+
+def save_qc_png(
+    path: str | os.PathLike,
+    volume: np.ndarray,
+    grid_affine: np.ndarray,
+    title: str,
+    note: str = "",
+) -> None:
+    """Three orthogonal slices through the grid centre with the template brain outline (red).
+
+    Neurological convention: the subject's right is on the right of the coronal and axial
+    views; anterior is up (axial) and to the right (sagittal). The slices and the outline are
+    composed into one RGB image (one matplotlib image, no contour tracing: the picture costs
+    a few tens of ms). Written atomically.
+
+    Args:
+        path: the PNG file.
+        volume: array on the output grid, shape (X, Y, Z), RAS+ axes.
+        grid_affine: 4x4 grid affine (MNI RAS+ mm).
+        title: first line above the slices (e.g. the scan's name and status).
+        note: second line (e.g. the exclusion reason), in red when given.
+    """
+    from matplotlib.figure import Figure
+
+    brain = template_on_grid(volume.shape, grid_affine) > BRAIN_THRESHOLD
+    nonzero = volume[volume != 0]
+    vmin, vmax = (float(v) for v in np.percentile(nonzero, [0.5, 99.5])) if nonzero.size else (0, 1)
+    gray = np.clip((volume - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
+    cx, cy, cz = (n // 2 for n in volume.shape)
+    # (image, outline) per view, transposed and flipped so that rows go from top to bottom.
+    views = [(gray[cx], brain[cx]), (gray[:, cy], brain[:, cy]), (gray[:, :, cz], brain[:, :, cz])]
+    height = max(v.shape[1] for v, _ in views)
+    gap = np.zeros((height, 4, 3))
+    panels = []
+    for image, inside in views:
+        edge = inside & ~ndimage.binary_erosion(inside)
+        rgb = np.repeat(image.T[::-1, :, None], 3, axis=2)
+        rgb[edge.T[::-1]] = (1.0, 0.0, 0.0)
+        padded = np.zeros((height, rgb.shape[1], 3))
+        padded[height - rgb.shape[0] :] = rgb
+        panels += [padded, gap]
+    composite = np.concatenate(panels[:-1], axis=1)
+
+    fig = Figure(figsize=(9, 3.4), dpi=100, facecolor="black")
+    ax = fig.add_axes((0.01, 0.08, 0.98, 0.76))
+    ax.imshow(composite, interpolation="nearest")
+    ax.axis("off")
+    x = 0.0
+    for (image, _), name, sides in zip(
+        views, ("sagittal", "coronal", "axial"), ("PA", "LR", "LR"), strict=True
+    ):
+        width = image.shape[0]
+        ax.text(x + width / 2, -2, name, color="white", fontsize=9, ha="center", va="bottom")
+        ax.text(x + 2, height / 2, sides[0], color="yellow", fontsize=8, va="center")
+        ax.text(
+            x + width - 2, height / 2, sides[1], color="yellow", fontsize=8, va="center", ha="right"
+        )
+        x += width + gap.shape[1]
+    fig.text(0.5, 0.97, title, color="white", fontsize=10, ha="center", va="top")
+    if note:
+        fig.text(0.5, 0.02, note, color="red", fontsize=8, ha="center", wrap=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", facecolor="black")
+
+
+def save_text_png(path: str | os.PathLike, title: str, note: str) -> None:
+    """A small picture stating a scan's exclusion and its reason (no image to show). Atomic."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 1.6), dpi=100, facecolor="black")
+    fig.text(0.5, 0.65, title, color="white", fontsize=10, ha="center")
+    fig.text(0.5, 0.3, note, color="red", fontsize=8, ha="center", wrap=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", facecolor="black")

@@ -1,0 +1,28 @@
+# Are the features any good? Cross-validated linear probes of the DINO features and of baselines
+# (random-weights encoder, intensity PCA, brain volume, chance) on the same scans and folds.
+
+
+rule probe:
+    input:
+        cohort=f"{OUT}/features/cohort.parquet",
+        qc=f"{OUT}/qc/qc.tsv",
+        teacher=f"{OUT}/model/teacher.pt",
+        volumes=expand(f"{OUT}/preproc/{{scan}}", scan=SCAN_IDS),
+    output:
+        scores=f"{OUT}/probes/scores.tsv",
+        predictions=f"{OUT}/probes/predictions.tsv",
+        table=f"{OUT}/probes/probe_table.md",
+    log:
+        f"{OUT}/logs/probe.log",
+    conda:
+        "../../envs/dino.yaml"
+    threads: 1
+    params:
+        config=lambda wc: {
+            **config["probes"],
+            "extract": config["extract"],
+            "seed": config["seed"],
+        },
+        preproc_dir=lambda wc, input: os.path.dirname(input.volumes[0]),
+    script:
+        "../scripts/probe.py"
