@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
@@ -391,11 +392,39 @@ class DINO(TransformerMixin, BaseEstimator):
                 s_params = [p.detach() for p in student.parameters()]
                 # teacher <- m * teacher + (1 - m) * student
                 torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+        self._average_teacher_buffers()
         self._ema_step = step
         self.log("train/momentum", momentum)
         optimizers = self.trainer.optimizers
         if optimizers:
             self.log("train/lr", optimizers[0].param_groups[0]["lr"])
+
+    @torch.no_grad()
+    def _average_teacher_buffers(self) -> None:
+        """Average the teacher's float buffers (BatchNorm running statistics) over processes.
+
+        The teacher runs in train mode, so each process moves its running statistics with its
+        own batches; the EMA keeps the parameters identical but not these buffers. Averaging
+        them after each optimizer step gives every rank the same teacher (and, with equal
+        per-rank batches, the running mean that SyncBatchNorm would give).
+        """
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        buffers = [
+            b
+            for module in (self.teacher, self.teacher_head)
+            for b in module.buffers()
+            if b.is_floating_point()
+        ]
+        if not buffers:
+            return
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Classes and functions become import paths, so the checkpoint loads weights-only.
