@@ -42,6 +42,7 @@ include: "pipeline/rules/train.smk"
 include: "pipeline/rules/extract.smk"
 include: "pipeline/rules/tables.smk"
 include: "pipeline/rules/probe.smk"
+include: "pipeline/rules/report.smk"
 
 
 rule all:
@@ -53,3 +54,4 @@ rule all:
         f"{OUT}/features/cohort.tsv",
         f"{OUT}/features/cohort.parquet",
         f"{OUT}/probes/scores.tsv",
+        f"{OUT}/report/report.html",

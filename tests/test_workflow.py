@@ -38,6 +38,7 @@ def test_dry_run_dag_without_sessions(tmp_path, bids):
         "extract": 1,
         "cohort": 1,
         "probe": 1,
+        "report": 1,
         "all": 1,
     }
     assert "out/preproc/sub-02" in res.stdout

@@ -97,6 +97,10 @@ def test_tiny_end_to_end_run(cohort):
     assert (out / "probes/scores.tsv").exists() and (out / "probes/predictions.tsv").exists()
     assert (out / "probes/probe_table.md").read_text().strip()
 
+    report = (out / "report/report.html").read_text()
+    assert "Excluded scans" in report or "excluded" in report
+    assert all(pid in report for pid in bad)
+
     # nothing to do on a second run
     res = snakemake(root, "-n", "--cores", "1", "--configfile", str(_overlay(root, "out")))
     assert "Nothing to be done" in res.stdout + res.stderr

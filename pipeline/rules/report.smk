@@ -1,0 +1,34 @@
+# One self-contained HTML page: probe table, predicted-vs-true age, feature embedding, training
+# curves, excluded scans with reasons and the QC montage of every scan.
+
+
+rule report:
+    input:
+        qc=f"{OUT}/qc/qc.tsv",
+        volumes=expand(f"{OUT}/preproc/{{scan}}", scan=SCAN_IDS),
+        curves=f"{OUT}/model/training_curves.png",
+        summary=f"{OUT}/model/training_summary.json",
+        scores=f"{OUT}/probes/scores.tsv",
+        predictions=f"{OUT}/probes/predictions.tsv",
+        cohort=f"{OUT}/features/cohort.parquet",
+    output:
+        f"{OUT}/report/report.html",
+    log:
+        f"{OUT}/logs/report.log",
+    conda:
+        "../../envs/tables.yaml"
+    params:
+        config=lambda wc: {
+            k: config[k]
+            for k in (
+                "bids_dir",
+                "encoder",
+                "views",
+                "data",
+                "dino",
+                "trainer",
+                "seed",
+            )
+        },
+    script:
+        "../scripts/report.py"
