@@ -53,6 +53,10 @@ def read_nifti(path: str | os.PathLike) -> nib.Nifti1Image | nib.Nifti2Image:
             raise ScanRejected(f"truncated or corrupt gzip ({_one_line(err)})", str(path)) from None
     klass = _nifti_class(raw)
     if klass is None:
+        if len(raw) >= 348 and raw[344:348] in (b"ni1\x00", b"ni2\x00"):
+            raise ScanRejected(
+                "NIfTI header of a .hdr/.img pair; convert it to a single .nii.gz", str(path)
+            )
         raise ScanRejected("not a NIfTI file (no NIfTI-1/NIfTI-2 header)", str(path))
     try:
         # The header as stored: the image built by from_bytes resets the voxel offset.

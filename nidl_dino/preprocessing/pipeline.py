@@ -197,7 +197,7 @@ def _process(in_file: Path, cfg: dict[str, Any], record: dict[str, Any]) -> _Pro
     working = float(cfg["working_spacing_mm"])
     work, work_affine = block_average(data, affine, block_factors(affine, working))
     head = foreground_mask(work)
-    metrics["foreground_fraction"] = float(head.mean())
+    metrics["foreground_fraction"] = round(float(head.mean()), 4)
     flag = foreground_flag(metrics["foreground_fraction"], cfg["qc"])
     if flag:
         raise ScanRejected(flag, str(in_file))

@@ -66,7 +66,7 @@ def intensity_stats(data: np.ndarray, mask: np.ndarray) -> dict[str, float | Non
         return {"p1": None, "p50": None, "p99": None, "mean": None, "std": None,
                 "min": None, "max": None, "p99_over_p50": None}  # fmt: skip
     p1, p50, p99 = (float(v) for v in np.percentile(values, [1, 50, 99]))
-    return {
+    stats = {
         "p1": p1,
         "p50": p50,
         "p99": p99,
@@ -76,6 +76,7 @@ def intensity_stats(data: np.ndarray, mask: np.ndarray) -> dict[str, float | Non
         "max": float(values.max()),
         "p99_over_p50": p99 / p50 if p50 > 0 else None,
     }
+    return {key: None if v is None else float(f"{v:.6g}") for key, v in stats.items()}
 
 
 def _outside(value: float, bounds: list[float] | None) -> bool:

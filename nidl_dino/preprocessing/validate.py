@@ -31,9 +31,11 @@ def describe_input(img: nib.Nifti1Image) -> dict[str, Any]:
         "affine_source": _affine_source(header),
     }
     try:
-        info["orientation"] = "".join(str(c) for c in nib.aff2axcodes(affine))
-    except Exception:  # noqa: BLE001 - a singular or NaN affine has no axis codes; validate says why
-        info["orientation"] = "unknown"
+        codes = nib.aff2axcodes(affine)
+    except (ValueError, np.linalg.LinAlgError):  # NaN affine; validate_image says why
+        codes = (None,)
+    # A singular affine leaves an axis without code (None): "?" there.
+    info["orientation"] = "".join("?" if c is None else str(c) for c in codes)
     return info
 
 

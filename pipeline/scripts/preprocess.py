@@ -1,6 +1,10 @@
 # Preprocess one scan. Never fails for a bad scan: the QC record says "excluded" and why.
+import os
 import sys
 from pathlib import Path
+
+# ANTs/ITK use the job's threads only (it is imported lazily, after this line).
+os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(snakemake.threads)  # noqa: F821
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))  # noqa: F821
 
