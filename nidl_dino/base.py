@@ -86,7 +86,8 @@ class BaseEstimator(pl.LightningModule):
             datamodule: a LightningDataModule instead of the loaders.
             ckpt_path: a Lightning checkpoint to resume from ("last" resumes from the
                 ModelCheckpoint's last file): weights, optimizer, LR schedule, epoch and step are
-                restored, and training continues to the configured end.
+                restored, and training continues to the configured end. It is loaded
+                weights-only (``torch.load(weights_only=True)``), whatever torch's default.
 
         Returns:
             self, fitted.
@@ -102,9 +103,36 @@ class BaseEstimator(pl.LightningModule):
             val_dataloaders=val_dataloader,
             datamodule=datamodule,
             ckpt_path=ckpt_path,
+            weights_only=True,  # opening a checkpoint never runs code from it
         )
         self.fitted_ = True
         return self
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: Any,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool | None = True,
+        **kwargs: Any,
+    ):
+        """Lightning's ``load_from_checkpoint``, weights-only by default.
+
+        Lightning's own default loads URLs (and files, when ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+        is set) with full unpickling, which runs any code the file carries; our checkpoints
+        hold tensors and plain values only. Pass ``weights_only=False`` only for a trusted file
+        that needs it. Other arguments as ``pytorch_lightning.LightningModule``'s.
+        """
+        return super().load_from_checkpoint(
+            checkpoint_path,
+            map_location=map_location,
+            hparams_file=hparams_file,
+            strict=strict,
+            weights_only=weights_only,
+            **kwargs,
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Weights coming from a checkpoint count as a trained model for transform().

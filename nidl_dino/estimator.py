@@ -587,7 +587,13 @@ def _build_encoder(encoder: Any, encoder_kwargs: dict[str, Any]) -> nn.Module:
         return encoder
     if isinstance(encoder, str):
         if ":" in encoder:  # an import path, e.g. restored from a checkpoint
-            encoder = import_object(encoder)
+            path, encoder = encoder, import_object(encoder)
+            # A checkpoint loads weights-only but could still name any function to call here.
+            if not (inspect.isclass(encoder) and issubclass(encoder, nn.Module)):
+                raise TypeError(
+                    f"DINO: encoder {path!r} is not an nn.Module class: give the encoder "
+                    "itself, e.g. DINO.load_from_checkpoint(path, encoder=...)"
+                )
         else:
             from nidl_dino.encoders import build_encoder  # the registry imports MONAI: lazy
 

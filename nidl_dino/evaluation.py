@@ -14,6 +14,7 @@ passed QC, aligned row by row with the cohort table:
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -78,9 +79,19 @@ def feature_sets_for(
         accelerator="cpu",
     )
     pca = config.get("pca", {}) or {}
+    n_components = int(pca.get("n_components", 32))
+    largest = _largest_pca(len(table), config)
+    if n_components > largest:
+        log.info(
+            "probes.pca.n_components %d > %d rows of the smallest inner training fold: using %d",
+            n_components,
+            largest,
+            largest,
+        )
+        n_components = largest
     sets["intensity_pca"] = intensity_pca_features(
         paths,
-        n_components=int(pca.get("n_components", 32)),
+        n_components=n_components,
         downsample=int(pca.get("downsample", 8)),
         seed=int(config.get("seed", 0)),
     )
@@ -91,6 +102,13 @@ def feature_sets_for(
     else:
         log.warning("no %s column in qc.tsv: the brain-volume baseline is skipped", column)
     return table, sets
+
+
+def _largest_pca(n_rows: int, config: Mapping[str, Any]) -> int:
+    """Largest PCA size the smallest inner training fold can fit (rows - 1, at least 1)."""
+    outer_train = n_rows - math.ceil(n_rows / int(config.get("n_splits", 5)))
+    inner_train = outer_train - math.ceil(outer_train / int(config.get("inner_splits", 3)))
+    return max(1, inner_train - 1)
 
 
 def evaluate_cohort(

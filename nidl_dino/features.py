@@ -10,6 +10,7 @@ code comes from the installed package (a registry name) or from the import path 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -94,7 +95,15 @@ def load_teacher(path: str | os.PathLike, map_location: str | torch.device = "cp
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != TEACHER_FORMAT:
         raise UserError(f"{path} is not a nidl-dino teacher file: re-run training")
-    encoder = build_encoder(payload["encoder"], in_channels=1, image_size=None)
+    spec = payload.get("encoder")
+    name = spec.get("name") if isinstance(spec, Mapping) else spec
+    if not _names_encoder_class(name):
+        # A weights-only file can still name any importable callable: only build classes.
+        raise UserError(
+            f"{path} names the encoder {str(name)[:100]!r}, which is neither a registry name nor "
+            "an nn.Module class: re-run training"
+        )
+    encoder = build_encoder(spec, in_channels=1, image_size=None)
     encoder.load_state_dict(payload["state_dict"])
     encoder.eval()
     info = {k: v for k, v in payload.items() if k != "state_dict"}
@@ -202,6 +211,22 @@ def cohort_table(
         feats["session_id"] = feats["session_id"].fillna("").astype(str)
         base = base.merge(feats, on=ids, how="left")
     return base
+
+
+def _names_encoder_class(name: Any) -> bool:
+    """True for a registry name or an import path of an ``nn.Module`` subclass."""
+    from nidl_dino.encoders import ENCODERS
+    from nidl_dino.importing import import_object
+
+    if not isinstance(name, str):
+        return False
+    if name in ENCODERS:
+        return True
+    try:
+        obj = import_object(name)
+    except UserError:
+        return False
+    return inspect.isclass(obj) and issubclass(obj, nn.Module)
 
 
 def _plain_spec(spec: Any) -> dict[str, Any]:
