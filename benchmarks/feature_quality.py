@@ -48,7 +48,10 @@ def main() -> int:
     parser.add_argument("--out", default="/tmp/nidl-dino-feature-quality")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="extra snakemake --config overrides (repeatable)",
     )
     args = parser.parse_args()
@@ -63,10 +66,19 @@ def main() -> int:
     t_data = time.time() - t0
 
     cmd = [
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-        "--cores", str(args.cores), "--rerun-incomplete",
-        "--config", f"bids_dir={bids}", f"output_dir={out / 'results'}",
-        "demo={'enabled': False}", *args.set,
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--cores",
+        str(args.cores),
+        "--rerun-incomplete",
+        "--config",
+        f"bids_dir={bids}",
+        f"output_dir={out / 'results'}",
+        "demo={'enabled': False}",
+        *args.set,
     ]
     t1 = time.time()
     run = subprocess.run(cmd, cwd=out, capture_output=True, text=True)

@@ -283,16 +283,16 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
 
 
 def _import_class(path: str) -> Callable[..., nn.Module]:
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as err:
+    """The nn.Module class an import path names; anything else is refused before any call."""
+    from nidl_dino.importing import import_object
+
+    obj = import_object(path)
+    if not (inspect.isclass(obj) and issubclass(obj, nn.Module)):
         raise UserError(
-            f"encoder import path {path!r} cannot be imported ({err}); "
-            "give 'package.module:Class' of an installed package"
-        ) from None
+            f"encoder import path {path!r} names a {type(obj).__name__}, not an nn.Module "
+            "class: give 'package.module:Class' of a torch.nn.Module subclass"
+        )
+    return obj
 
 
 def _split_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -316,7 +316,12 @@ class DINO(TransformerMixin, BaseEstimator):
         loss = self.loss(z_teacher, z_student, epoch=self.current_epoch)
         batch_size = views[0].shape[0]
         self.log(
-            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True,
+            "train/loss",
+            loss,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            sync_dist=True,
             batch_size=batch_size,
         )
         self.log(
@@ -586,14 +591,16 @@ def _build_encoder(encoder: Any, encoder_kwargs: dict[str, Any]) -> nn.Module:
     if isinstance(encoder, nn.Module):
         return encoder
     if isinstance(encoder, str):
-        if ":" in encoder:  # an import path, e.g. restored from a checkpoint
-            path, encoder = encoder, import_object(encoder)
+        if ":" in encoder or "." in encoder:  # an import path, e.g. restored from a checkpoint
+            resolved = import_object(encoder)
             # A checkpoint loads weights-only but could still name any function to call here.
-            if not (inspect.isclass(encoder) and issubclass(encoder, nn.Module)):
+            if not (inspect.isclass(resolved) and issubclass(resolved, nn.Module)):
                 raise TypeError(
-                    f"DINO: encoder {path!r} is not an nn.Module class: give the encoder "
+                    f"DINO: encoder {encoder!r} is not an nn.Module class: give the encoder "
                     "itself, e.g. DINO.load_from_checkpoint(path, encoder=...)"
                 )
+        if ":" in encoder:
+            encoder = resolved
         else:
             from nidl_dino.encoders import build_encoder  # the registry imports MONAI: lazy
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
@@ -76,9 +77,12 @@ def build_model(
 
     ``image_sizes`` are the view sizes the encoder will see (global, local), checked now.
     """
-    encoder = build_encoder(
-        config.get("encoder", "small_cnn"), in_channels=1, image_size=image_sizes
-    )
+    # The config's seed fixes the encoder's initial weights, whatever the caller's RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(config.get("seed", 0)))
+        encoder = build_encoder(
+            config.get("encoder", "small_cnn"), in_channels=1, image_size=image_sizes
+        )
     dino_cfg = dict(config.get("dino", {}) or {})
     return DINO(
         encoder,

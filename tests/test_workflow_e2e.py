@@ -15,7 +15,6 @@ import yaml
 
 from workflow_helpers import SNAKEFILE, snakemake
 
-
 TINY = {
     "preprocessing": {"resample": {"spacing_mm": 6.0}},
     "views": {"global_size": [16, 16, 16], "local_size": [8, 8, 8], "num_local_crops": 2},
