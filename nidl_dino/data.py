@@ -103,8 +103,76 @@ class VolumeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> Any:
+    def __getitem__(self, index: int | tuple[int, int]) -> Any:
+        if isinstance(index, tuple):  # an (epoch, index) key of EpochSeededSampler
+            index = index[1]
         return self.dataset[index]
+
+
+class EpochSeededSampler(torch.utils.data.Sampler):
+    """Yields ``(epoch, index)`` keys, in an order drawn from ``(seed, epoch)`` alone.
+
+    Together with :class:`SeededViews`, which seeds each sample's views from
+    ``(seed, epoch, index)``, an epoch's batches and views are a pure function of the seed and the
+    epoch: they do not depend on the number of loader workers, and a run resumed from a
+    checkpoint at epoch k draws exactly what an uninterrupted run draws at epoch k. Written by
+    hand: torch's samplers draw from a generator whose state a restart does not restore.
+
+    Args:
+        n: dataset length.
+        seed: base seed.
+        shuffle: permute the indices (else 0..n-1).
+        epoch_fn: returns the current epoch when iteration starts (e.g. the Lightning trainer's
+            ``current_epoch``); without it, the value given to :meth:`set_epoch` is used.
+    """
+
+    def __init__(
+        self, n: int, seed: int, shuffle: bool = True, epoch_fn: Callable[[], int] | None = None
+    ) -> None:
+        self.n, self.seed, self.shuffle, self.epoch_fn = n, int(seed), shuffle, epoch_fn
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        epoch = int(self.epoch_fn()) if self.epoch_fn is not None else self.epoch
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(_mix_seed(self.seed, epoch))
+            order = torch.randperm(self.n, generator=generator).tolist()
+        else:
+            order = range(self.n)
+        for index in order:
+            yield (epoch, index)
+
+
+class SeededViews(torch.utils.data.Dataset):
+    """Volumes with their random views, seeded per sample from ``(seed, epoch, index)``.
+
+    Args:
+        volumes: the volumes (no transform), e.g. a cached :class:`VolumeDataset`.
+        views: the view transform; reseeded before each sample.
+        seed: base seed.
+    """
+
+    def __init__(self, volumes: torch.utils.data.Dataset, views: MultiCropTransform, seed: int):
+        self.volumes, self.views, self.seed = volumes, views, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, key: Any) -> Any:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        self.views.set_random_state(_mix_seed(self.seed, epoch, index))
+        return self.views(self.volumes[index])
+
+
+def _mix_seed(*values: int) -> int:
+    """A 32-bit seed from several integers (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0])
 
 
 def _loader(
@@ -116,11 +184,13 @@ def _loader(
     shuffle: bool = False,
     drop_last: bool = False,
     seed: int = 0,
+    sampler: torch.utils.data.Sampler | None = None,
 ) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
         drop_last=drop_last,
         num_workers=num_workers,
         pin_memory=pin_memory,
@@ -233,8 +303,8 @@ class DINODataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.views = MultiCropTransform(**(views_config or DEFAULT_VIEWS_CONFIG))
         self.views.set_random_state(self.seed)
-        self.train_dataset: VolumeDataset | None = None
-        self.val_dataset: VolumeDataset | None = None
+        self.train_dataset: torch.utils.data.Dataset | None = None
+        self.val_dataset: torch.utils.data.Dataset | None = None
 
     @property
     def num_local_crops(self) -> int:
@@ -246,14 +316,19 @@ class DINODataModule(pl.LightningDataModule):
         """Global and local view sizes (voxels), for ``build_encoder(image_size=...)``."""
         return [self.views.global_size, self.views.local_size]
 
-    def _dataset(self, paths: list[str]) -> VolumeDataset:
-        return VolumeDataset(
+    def _dataset(self, paths: list[str]) -> torch.utils.data.Dataset:
+        volumes = VolumeDataset(
             paths,
-            transform=None if self.views_on_device else self.views,
+            transform=None,
             cache=self.cache,
             cache_dir=self.cache_dir,
             cache_num_workers=max(1, self.num_workers),
         )
+        return volumes if self.views_on_device else SeededViews(volumes, self.views, self.seed)
+
+    def _current_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets (fills the memory cache); idempotent."""
@@ -271,9 +346,11 @@ class DINODataModule(pl.LightningDataModule):
             self.num_workers,
             self.pin_memory,
             self.persistent_workers,
-            shuffle=True,
             drop_last=True,
             seed=self.seed,
+            sampler=EpochSeededSampler(
+                len(self.train_dataset), self.seed, shuffle=True, epoch_fn=self._current_epoch
+            ),
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -288,6 +365,10 @@ class DINODataModule(pl.LightningDataModule):
             self.pin_memory,
             self.persistent_workers,
             seed=self.seed + 1,
+            # the same views at every validation: epoch-to-epoch changes are the model's
+            sampler=EpochSeededSampler(
+                len(self.val_dataset), self.seed + 1, shuffle=False, epoch_fn=lambda: 0
+            ),
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

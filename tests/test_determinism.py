@@ -90,3 +90,27 @@ def test_features_do_not_depend_on_the_callers_random_state(volumes, tmp_path):
     first, _ = train_and_extract(volumes, tmp_path / "a", global_seed=1)
     second, _ = train_and_extract(volumes, tmp_path / "b", global_seed=2)
     assert np.array_equal(first, second)
+
+
+def test_features_do_not_depend_on_the_number_of_loader_workers(volumes, tmp_path):
+    # views are seeded per (seed, epoch, index), not per worker stream
+    first, _ = train_and_extract(volumes, tmp_path / "a", num_workers=0)
+    second, _ = train_and_extract(volumes, tmp_path / "b", num_workers=1)
+    assert np.array_equal(first, second)
+
+
+def test_epoch_seeded_sampler_is_a_function_of_seed_and_epoch():
+    from nidl_dino.data import EpochSeededSampler
+
+    def order(seed, epoch):
+        sampler = EpochSeededSampler(10, seed, shuffle=True, epoch_fn=lambda: epoch)
+        keys = list(sampler)
+        assert [e for e, _ in keys] == [epoch] * 10
+        return [i for _, i in keys]
+
+    assert sorted(order(0, 3)) == list(range(10))
+    assert order(0, 3) == order(0, 3)  # a fresh sampler (a resumed run) repeats epoch 3
+    assert order(0, 3) != order(0, 4) and order(0, 3) != order(1, 3)
+    plain = EpochSeededSampler(4, 0, shuffle=False)
+    plain.set_epoch(2)
+    assert list(plain) == [(2, 0), (2, 1), (2, 2), (2, 3)]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from workflow_helpers import SNAKEFILE, snakemake
@@ -147,3 +148,19 @@ def test_killed_training_job_resumes_from_its_checkpoint(cohort):
     assert len(versions) == 2
     second = pd.read_csv(versions[1])
     assert second["step"].min() > 0  # no step repeated from zero
+
+    # the resumed run ends where an uninterrupted run with the same seed ends
+    straight = _overlay(root, "straight", trainer={"max_epochs": 6})
+    res = snakemake(root, "--cores", "2", "--configfile", str(straight), "--until", "train")
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    def final_state(name):
+        ckpt = torch.load(root / name / "model/work/checkpoints/last.ckpt", weights_only=True)[
+            "state_dict"
+        ]
+        return {k: v for k, v in ckpt.items() if k.startswith(("teacher", "loss.center"))}
+
+    resumed, uninterrupted = final_state("killed"), final_state("straight")
+    assert resumed.keys() == uninterrupted.keys() and "loss.center" in resumed
+    for key, value in resumed.items():
+        assert torch.allclose(value.float(), uninterrupted[key].float(), atol=1e-5), key
