@@ -31,6 +31,35 @@ from nidl_dino.tables import preprocessed_volume
 
 log = logging.getLogger(__name__)
 
+#: Columns of run_probes' tables, kept when nothing could be probed (readers rely on them).
+SCORE_COLUMNS = [
+    "feature_set",
+    "target",
+    "task",
+    "metric",
+    "mean",
+    "std",
+    "n_folds",
+    "n_samples",
+    "n_features",
+]
+PREDICTION_COLUMNS = [
+    "feature_set",
+    "target",
+    "task",
+    "row",
+    "participant_id",
+    "session_id",
+    "repeat",
+    "fold",
+    "y_true",
+    "y_pred",
+]
+
+
+def _empty() -> tuple[pd.DataFrame, pd.DataFrame]:
+    return pd.DataFrame(columns=SCORE_COLUMNS), pd.DataFrame(columns=PREDICTION_COLUMNS)
+
 
 def random_encoder_like(teacher_path: str | os.PathLike, seed: int = 0) -> torch.nn.Module:
     """The teacher's architecture with freshly initialised weights (seeded), in eval mode."""
@@ -136,7 +165,7 @@ def evaluate_cohort(
     missing = sorted(set(config.get("targets", [])) - set(targets))
     note = f"targets not in the cohort table: {', '.join(missing)}" if missing else ""
     if not targets:
-        return pd.DataFrame(), pd.DataFrame(), note or "no probe target configured"
+        return (*_empty(), note or "no probe target configured")
     stratify_by = config.get("stratify_by", "site")
     if stratify_by not in table.columns:
         stratify_by = None
@@ -165,7 +194,7 @@ def evaluate_cohort(
         all_scores.append(scores)
         all_predictions.append(predictions)
     if not all_scores:
-        return pd.DataFrame(), pd.DataFrame(), "; ".join(notes)
+        return (*_empty(), "; ".join(notes))
     scores = pd.concat(all_scores, ignore_index=True)
     predictions = pd.concat(all_predictions, ignore_index=True)
     return scores, predictions, "; ".join(notes)

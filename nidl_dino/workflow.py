@@ -122,6 +122,22 @@ def discover(config: Mapping[str, Any]):
             f"output_dir '{config.get('output_dir')}' is inside bids_dir '{bids_dir}': "
             "choose an output_dir outside the BIDS dataset"
         )
+    # participants.tsv is read now, so its problems (duplicate ids, no participant_id column,
+    # unreadable encoding) stop the run before any job, not in its last step.
+    from nidl_dino.inputs import participants_tsv_path
+    from nidl_dino.participants import missing_participants, read_participants
+
+    participants_file = participants_tsv_path(config)
+    if participants_file is not None:
+        participants = read_participants(participants_file)
+        missing = missing_participants(scans, participants)
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            print(
+                f"nidl-dino: warning: {len(missing)} scanned subject(s) not in "
+                f"{participants_file} ({shown}): their phenotype columns will be empty",
+                file=sys.stderr,
+            )
     return scans
 
 

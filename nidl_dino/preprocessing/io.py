@@ -46,6 +46,8 @@ def read_nifti(path: str | os.PathLike) -> nib.Nifti1Image | nib.Nifti2Image:
     if not path.is_file():
         raise ScanRejected("file not found", str(path))
     raw = path.read_bytes()
+    if not raw:
+        raise ScanRejected("empty file (0 bytes)", str(path))
     if raw[:2] == _GZIP_MAGIC:
         try:
             raw = gzip.decompress(raw)
