@@ -12,8 +12,6 @@ machine. Re-running with the same ``--out`` reuses finished steps (Snakemake).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -22,23 +20,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from nidl_dino.machine import describe_machine  # noqa: E402
+
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, "
-        f"Python {platform.python_version()}"
-    )
+    return describe_machine()
 
 
 def main() -> int:

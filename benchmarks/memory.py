@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -47,28 +46,11 @@ THREAD_VARIABLES = (
 EXTRACTION = [(64, 1), (64, 4), (128, 1), (128, 4)]  # (volume size, batch size)
 TRAIN_VOLUMES, TRAIN_SIZE, TRAIN_STEPS = 16, 64, 3
 
+from nidl_dino.machine import describe_machine  # noqa: E402
+
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = "?"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = f"{int(line.split()[1]) / 2**20:.0f} GiB"
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} logical cores, {mem} RAM; torch {_version('torch')}, "
-        f"MONAI {_version('monai')}, Lightning {_version('pytorch-lightning')}, "
-        f"ANTsPy {_version('antspyx')}; Python {platform.python_version()}"
-    )
+    return describe_machine()
 
 
 def _version(package: str) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -50,17 +49,11 @@ STEPS = [
     "write",
 ]
 
+from nidl_dino.machine import describe_machine  # noqa: E402
+
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs visible, load average {os.getloadavg()[0]:.1f}"
+    return describe_machine()
 
 
 def _vm_hwm_mb() -> float:

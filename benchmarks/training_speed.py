@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -48,23 +47,11 @@ SMALL = {"global_size": 48, "local_size": 32, "num_local_crops": 4, "batch_size"
 GPU_SIZE = {"global_size": 96, "local_size": 48, "num_local_crops": 8, "batch_size": 16}
 ENCODERS = ["small_cnn", "resnet10", "resnet18", "resnet34", "resnet50", "densenet121", "vit"]
 
+from nidl_dino.machine import describe_machine  # noqa: E402
+
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import monai
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (
-        f"{cpu}, {os.cpu_count()} cores; GPU: {gpu}; torch {torch.__version__}, "
-        f"MONAI {monai.__version__}, Lightning {pl.__version__}; Python {platform.python_version()}"
-    )
+    return describe_machine()
 
 
 def phantom(size: int, seed: int = 0) -> np.ndarray:
