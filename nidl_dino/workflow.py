@@ -41,8 +41,84 @@ def _schema_at(schema: Mapping[str, Any], path: list) -> Mapping[str, Any]:
     return node
 
 
+def _resolve(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        node: Any = root
+        for part in ref[2:].split("/"):
+            node = node.get(part, {})
+        return node
+    return schema
+
+
+def coerce_to_schema(value: Any, schema: Mapping[str, Any], root: Mapping[str, Any]) -> Any:
+    """Turn strings into the types the schema asks for, where they parse as such.
+
+    Snakemake reads nested ``--config`` values (``trainer={'max_epochs': 5}``) with YAML's
+    BaseLoader, so every scalar in them is a string. Where the schema does not allow a string at
+    that place, the string is parsed as YAML (``"5"`` -> 5, ``"true"`` -> True, ``"null"`` ->
+    None); anything else is left for the validation to report.
+    """
+    schema = _resolve(schema, root)
+    if isinstance(value, (dict, list)) and "oneOf" in schema:
+        wanted = "object" if isinstance(value, dict) else "array"
+        for branch in schema["oneOf"]:
+            branch = _resolve(branch, root)
+            types = branch.get("type", [])
+            if wanted == types or (isinstance(types, list) and wanted in types):
+                return coerce_to_schema(value, branch, root)
+        return value
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, item in value.items():
+            sub = props.get(key, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                value[key] = coerce_to_schema(item, sub, root)
+            elif extra is not False:  # free-form (encoder kwargs, extra Trainer options)
+                value[key] = _parse_scalars(item)
+        return value
+    if isinstance(value, list):
+        items = schema.get("items")
+        return (
+            [coerce_to_schema(v, items, root) for v in value] if isinstance(items, dict) else value
+        )
+    if isinstance(value, str):
+        types = schema.get("type", [])
+        types = [types] if isinstance(types, str) else list(types)
+        if "string" in types or not (types or "oneOf" in schema or "enum" in schema):
+            return value
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        if isinstance(parsed, (dict, list)) and "oneOf" in schema:
+            return parsed
+        return parsed if not isinstance(parsed, str) else value
+    return value
+
+
+def _parse_scalars(value: Any) -> Any:
+    """Strings YAML reads as numbers, booleans or null become those; the rest is unchanged."""
+    if isinstance(value, dict):
+        return {k: _parse_scalars(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_parse_scalars(v) for v in value]
+    if isinstance(value, str):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        if parsed is None or isinstance(parsed, (bool, int, float)):
+            return parsed
+    return value
+
+
 def check_config(config: Mapping[str, Any], schema_path: str | os.PathLike) -> None:
     """Validate ``config`` against the JSON schema, raising one-line errors.
+
+    Strings from nested ``--config`` values are first converted to the schema's types (in
+    place, see :func:`coerce_to_schema`).
 
     Unknown keys, wrong types, values out of range and bad choices each name the dotted key.
 
@@ -52,6 +128,7 @@ def check_config(config: Mapping[str, Any], schema_path: str | os.PathLike) -> N
     import jsonschema
 
     schema = yaml.safe_load(Path(schema_path).read_text())
+    coerce_to_schema(config, schema, schema)  # in place: nested --config values are strings
     validator = jsonschema.Draft202012Validator(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is None:
