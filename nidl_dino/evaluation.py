@@ -26,35 +26,10 @@ import torch
 from nidl_dino.baselines import brain_volume_feature, intensity_pca_features
 from nidl_dino.errors import UserError
 from nidl_dino.features import FEATURE_PREFIX, extract_features, load_teacher
-from nidl_dino.probes import run_probes
+from nidl_dino.probes import PREDICTION_COLUMNS, SCORE_COLUMNS, run_probes
 from nidl_dino.tables import preprocessed_volume
 
 log = logging.getLogger(__name__)
-
-#: Columns of run_probes' tables, kept when nothing could be probed (readers rely on them).
-SCORE_COLUMNS = [
-    "feature_set",
-    "target",
-    "task",
-    "metric",
-    "mean",
-    "std",
-    "n_folds",
-    "n_samples",
-    "n_features",
-]
-PREDICTION_COLUMNS = [
-    "feature_set",
-    "target",
-    "task",
-    "row",
-    "participant_id",
-    "session_id",
-    "repeat",
-    "fold",
-    "y_true",
-    "y_pred",
-]
 
 
 def _empty() -> tuple[pd.DataFrame, pd.DataFrame]:

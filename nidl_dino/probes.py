@@ -64,6 +64,33 @@ DEFAULT_CS = tuple(np.logspace(-4, 2, 7))
 _MAX_TARGET_BINS = 4
 
 
+#: Columns of the scores table returned by :func:`run_probes`.
+SCORE_COLUMNS = [
+    "feature_set",
+    "target",
+    "task",
+    "metric",
+    "mean",
+    "std",
+    "n_folds",
+    "n_samples",
+    "n_features",
+]
+#: Columns of the predictions table (the id columns only when the table has them).
+PREDICTION_COLUMNS = [
+    "feature_set",
+    "target",
+    "task",
+    "row",
+    "participant_id",
+    "session_id",
+    "repeat",
+    "fold",
+    "y_true",
+    "y_pred",
+]
+
+
 @dataclass(frozen=True)
 class FeatureSet:
     """A feature matrix plus transformers that must be fitted inside each training fold.
@@ -319,16 +346,14 @@ def run_probes(
                         predictions[column] = table.loc[predictions["row"], column].to_numpy()
                 prediction_frames.append(predictions)
 
-    scores = pd.DataFrame(score_rows)
+    scores = pd.DataFrame(score_rows, columns=SCORE_COLUMNS)
     order = {name: i for i, name in enumerate(sets)}
     scores = scores.sort_values("feature_set", key=lambda s: s.map(order), kind="stable")
     scores = scores.reset_index(drop=True)
     if not return_predictions:
         return scores
-    id_columns = [c for c in ("participant_id", "session_id") if c in table.columns]
-    columns = ["feature_set", "target", "task", "row", *id_columns, "repeat", "fold"]
     predictions = pd.concat(prediction_frames, ignore_index=True)
-    return scores, predictions[[*columns, "y_true", "y_pred"]]
+    return scores, predictions[[c for c in PREDICTION_COLUMNS if c in predictions.columns]]
 
 
 def format_probe_table(scores: pd.DataFrame) -> str:
