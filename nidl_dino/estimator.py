@@ -313,8 +313,13 @@ class DINO(TransformerMixin, BaseEstimator):
         views, y = self.parse_batch(batch)
         z_student = self.forward_student(views)
         z_teacher = self.forward_teacher(views)
-        loss = self.loss(z_teacher, z_student, epoch=self.current_epoch)
         batch_size = views[0].shape[0]
+        # Before the loss call, which moves the centre: the teacher distribution the loss sees.
+        self.log_dict(
+            {f"train/{k}": v for k, v in self.collapse_monitors(z_teacher).items()},
+            batch_size=batch_size,
+        )
+        loss = self.loss(z_teacher, z_student, epoch=self.current_epoch)
         self.log(
             "train/loss",
             loss,
@@ -330,6 +335,29 @@ class DINO(TransformerMixin, BaseEstimator):
             batch_size=batch_size,
         )
         return {"loss": loss, "z_student": z_student.detach(), "z_teacher": z_teacher, "y": y}
+
+    @torch.no_grad()
+    def collapse_monitors(self, z_teacher: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Entropies of the centred, sharpened teacher distribution (nats), to watch for collapse.
+
+        DINO can collapse two ways (Caron et al. 2021, sec. 5.3): to a uniform output, where
+        ``teacher_entropy`` (mean entropy of one view's distribution) rises to ln K, or to one
+        dominant prototype, where ``teacher_batch_entropy`` (entropy of the batch-mean
+        distribution) falls towards 0. Healthy training keeps the first well below ln K and the
+        second well above it.
+
+        Args:
+            z_teacher: (n_global_views, B, K) teacher head outputs.
+
+        Returns:
+            ``{"teacher_entropy": scalar, "teacher_batch_entropy": scalar}``.
+        """
+        temp = self.loss.teacher_temperature(self.current_epoch)
+        probs = torch.softmax((z_teacher.float() - self.loss.center) / temp, dim=-1)
+        per_view = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+        mean_probs = probs.mean(dim=(0, 1))
+        batch = -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()
+        return {"teacher_entropy": per_view, "teacher_batch_entropy": batch}
 
     def validation_step(
         self, batch: Any, batch_idx: int, dataloader_idx: int = 0

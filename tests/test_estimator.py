@@ -426,3 +426,36 @@ def test_dataset_with_targets_as_spec_format(quiet_trainer_kwargs):
     model = make_dino(quiet_trainer_kwargs, max_steps=1)
     model.fit(DataLoader(RandomViews(n=8, with_targets=True), batch_size=4))
     assert model.fitted
+
+
+def test_collapse_monitors_match_entropy_formulas(quiet_trainer_kwargs):
+    model = make_dino(quiet_trainer_kwargs, teacher_temperature=0.04, warmup_teacher_temp_epochs=0)
+    k = model.loss.output_dim
+    # Uniform teacher (equal logits): both entropies are ln K.
+    flat = model.collapse_monitors(torch.zeros(2, 4, k))
+    assert flat["teacher_entropy"].item() == pytest.approx(math.log(k), abs=1e-5)
+    assert flat["teacher_batch_entropy"].item() == pytest.approx(math.log(k), abs=1e-5)
+    # Every view one-hot on its own prototype (4 samples, 2 views agree): per-view entropy ~0,
+    # batch-mean distribution uniform over 4 prototypes, entropy ln 4.
+    z = torch.zeros(2, 4, k)
+    z[:, torch.arange(4), torch.arange(4)] = 10.0  # / 0.04 = 250 nats above the rest
+    spread = model.collapse_monitors(z)
+    assert spread["teacher_entropy"].item() == pytest.approx(0.0, abs=1e-5)
+    assert spread["teacher_batch_entropy"].item() == pytest.approx(math.log(4), abs=1e-5)
+    # The centre is subtracted first: a centre equal to the outputs makes them uniform again.
+    model.loss.center.copy_(z[:1, :1])  # sample 0's logits as the centre
+    centred = model.collapse_monitors(z[:, :1])
+    assert centred["teacher_entropy"].item() == pytest.approx(math.log(k), abs=1e-5)
+
+
+def test_collapse_monitors_are_logged(tmp_path, quiet_trainer_kwargs):
+    from pytorch_lightning.loggers import CSVLogger
+
+    model = make_dino(
+        {**quiet_trainer_kwargs, "logger": CSVLogger(tmp_path), "log_every_n_steps": 1},
+        max_steps=2,
+    )
+    model.fit(views_loader())
+    logged = model.trainer.logged_metrics
+    for name in ("train/teacher_entropy", "train/teacher_batch_entropy"):
+        assert 0.0 <= float(logged[name]) <= math.log(model.loss.output_dim) + 1e-5
