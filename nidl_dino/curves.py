@@ -1,4 +1,4 @@
-"""Training curves (loss, teacher temperature, momentum, learning rate) as one PNG."""
+"""Training curves (loss, teacher entropy, temperature, momentum, learning rate) as one PNG."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pandas as pd
 #: (metric column in Lightning's metrics.csv, panel title)
 CURVES = [
     ("train/loss_step", "DINO loss (train)"),
+    ("train/teacher_entropy", "teacher entropy (nats)"),
     ("train/teacher_temp", "teacher temperature"),
     ("train/momentum", "teacher momentum"),
     ("train/lr", "learning rate"),
@@ -48,7 +49,15 @@ def plot_training_curves(
         if column in metrics.columns:
             data = metrics[["step", column, "_start"]].dropna()
             data = data.drop_duplicates("step", keep="last")
-            ax.plot(data["step"], data[column], marker="." if len(data) < 50 else None)
+            label = "per view" if column == "train/teacher_entropy" else None
+            ax.plot(data["step"], data[column], marker="." if len(data) < 50 else None, label=label)
+        if column == "train/teacher_entropy" and "train/teacher_batch_entropy" in metrics.columns:
+            # Collapse shows here: per-view entropy rising to ln K (uniform outputs), or the
+            # batch-mean entropy falling towards 0 (one prototype for every volume).
+            data = metrics[["step", "train/teacher_batch_entropy"]].dropna()
+            data = data.drop_duplicates("step", keep="last")
+            ax.plot(data["step"], data["train/teacher_batch_entropy"], label="batch mean")
+            ax.legend()
         if column == "train/loss_step" and "val/loss" in metrics.columns:
             val = metrics[["step", "val/loss"]].dropna()
             ax.plot(val["step"], val["val/loss"], marker="o", label="validation")
