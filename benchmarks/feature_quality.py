@@ -103,7 +103,8 @@ def ceiling_table(bids: Path, results: Path) -> str:
     import pandas as pd
     import yaml
 
-    from nidl_dino.probes import format_probe_table, run_probes
+    from nidl_dino.evaluation import probe_targets
+    from nidl_dino.probes import format_probe_table
 
     probes = yaml.safe_load((REPO / "config.yaml").read_text())["probes"]
     cohort = pd.read_parquet(results / "features/cohort.parquet")
@@ -125,32 +126,13 @@ def ceiling_table(bids: Path, results: Path) -> str:
             np.log(icv),
         ]
     )
-    targets = [t for t in probes["targets"] if t in table.columns]
-    stratify = probes.get("stratify_by")
-    from nidl_dino.errors import UserError
-
-    rows = []
-    for target in targets:  # one at a time, as the probe rule does: a small cohort skips alone
-        try:
-            rows.append(
-                run_probes(
-                    {"generative latents": features},
-                    table,
-                    [target],
-                    n_splits=int(probes["n_splits"]),
-                    n_repeats=int(probes["n_repeats"]),
-                    seed=int(probes["seed"]),
-                    stratify_by=stratify if stratify in table.columns else None,
-                    task_types=probes.get("task_types") or None,
-                    include_chance=False,
-                    inner_splits=int(probes["inner_splits"]),
-                )
-            )
-        except UserError as err:
-            print(f"ceiling of {target!r} skipped: {err}")
-    if not rows:
+    scores, _, note = probe_targets(
+        {"generative latents": features}, table, probes, include_chance=False
+    )
+    if note:
+        print(f"ceiling: {note}")
+    if not len(scores):
         return ""
-    scores = pd.concat(rows, ignore_index=True)
     return format_probe_table(scores)
 
 

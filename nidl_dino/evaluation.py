@@ -61,7 +61,9 @@ def feature_sets_for(
         qc: the QC table (for ``scan_id`` and the brain volume).
         teacher_path: the trained teacher (for the random-weights baseline's architecture).
         preproc_dir: the preprocessing folder (volumes for the intensity baseline).
-        config: the ``probes:`` section, plus ``extract`` and ``seed``.
+        config: the ``probes:`` section, plus ``extract`` and ``encoder_seed`` (the workflow's
+            ``seed``, which fixed DINO's initial weights: the random-weights baseline is exactly
+            the trained encoder's starting point; ``seed`` is used when it is absent).
     """
     ids = ["participant_id", "session_id"]
     table = cohort[cohort["status"] == "ok"].reset_index(drop=True)
@@ -74,7 +76,8 @@ def feature_sets_for(
     feature_columns = [c for c in table.columns if c.startswith(FEATURE_PREFIX)]
     sets: dict[str, Any] = {"dino": table[feature_columns].to_numpy(dtype=np.float32)}
     extract = config.get("extract", {}) or {}
-    random_encoder = random_encoder_like(teacher_path, seed=int(config.get("seed", 0)))
+    encoder_seed = int(config.get("encoder_seed", config.get("seed", 0)))
+    random_encoder = random_encoder_like(teacher_path, seed=encoder_seed)
     sets["random_encoder"] = extract_features(
         random_encoder,
         paths,
@@ -134,10 +137,30 @@ def evaluate_cohort(
         and a one-line note saying why when something was skipped ("" otherwise).
     """
     table, sets = feature_sets_for(cohort, qc, teacher_path, preproc_dir, config)
+    return probe_targets(sets, table, config)
+
+
+def probe_targets(
+    feature_sets: Mapping[str, Any],
+    table: pd.DataFrame,
+    config: Mapping[str, Any],
+    include_chance: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Probes of the given feature sets for every configured target, one target at a time.
+
+    Args:
+        feature_sets: name -> features aligned with ``table`` (as :func:`run_probes` takes them).
+        table: the rows to probe (ok scans), with the target, site and group columns.
+        config: the ``probes:`` section (targets, folds, seed, stratification, grouping).
+        include_chance: add the chance model's row.
+
+    Returns:
+        ``(scores, predictions, note)`` as :func:`evaluate_cohort`.
+    """
     targets = [t for t in config.get("targets", ["age", "sex"]) if t in table.columns]
-    for missing in set(config.get("targets", [])) - set(targets):
-        log.warning("probe target %r is not a column of the cohort table: skipped", missing)
     missing = sorted(set(config.get("targets", [])) - set(targets))
+    for name in missing:
+        log.warning("probe target %r is not a column of the cohort table: skipped", name)
     note = f"targets not in the cohort table: {', '.join(missing)}" if missing else ""
     if not targets:
         return (*_empty(), note or "no probe target configured")
@@ -150,7 +173,7 @@ def evaluate_cohort(
     for target in targets:  # one target at a time: a target the folds cannot take skips alone
         try:
             scores, predictions = run_probes(
-                sets,
+                feature_sets,
                 table,
                 [target],
                 n_splits=int(config.get("n_splits", 5)),
@@ -159,6 +182,7 @@ def evaluate_cohort(
                 stratify_by=stratify_by,
                 task_types=config.get("task_types") or None,
                 group_by=group_by if group_by in table.columns else None,
+                include_chance=include_chance,
                 inner_splits=int(config.get("inner_splits", 3)),
                 return_predictions=True,
             )

@@ -63,3 +63,48 @@ def test_feature_sets_align_with_ok_rows(tmp_path):
     assert sets["brain_volume"][:, 0].tolist() == [1000.0, 1100.0, 1200.0, 1300.0]
     assert sets["random_encoder"].shape == (4, encoder.output_dim)
     assert sets["intensity_pca"].X.shape[0] == 4
+
+
+def test_random_encoder_baseline_is_the_trained_encoders_starting_point(tmp_path):
+    """encoder_seed (the workflow's seed) fixes the random weights; probes.seed does not."""
+    import torch
+
+    from nidl_dino.encoders import build_encoder
+    from nidl_dino.evaluation import random_encoder_like
+    from nidl_dino.features import save_teacher
+
+    spec = {"name": "small_cnn", "kwargs": {}}
+    teacher = tmp_path / "teacher.pt"
+    save_teacher(build_encoder(spec), spec, teacher)
+    torch.manual_seed(3)  # what training does with seed: 3
+    start = build_encoder(spec).state_dict()
+    baseline = random_encoder_like(teacher, seed=3).state_dict()
+    assert all(torch.equal(start[k], baseline[k]) for k in start)
+
+
+def test_probe_targets_uses_probes_seed_for_the_folds():
+    from nidl_dino.evaluation import probe_targets
+
+    rng = np.random.default_rng(0)
+    n = 40
+    table = pd.DataFrame(
+        {
+            "participant_id": [f"sub-{i:02d}" for i in range(n)],
+            "age": rng.uniform(20, 80, n),
+            "sex": rng.choice(["F", "M"], n),
+        }
+    )
+    x = np.column_stack([table["age"] + rng.normal(0, 10, n), rng.normal(size=n)])
+    config = {"targets": ["age", "sex", "diagnosis"], "n_splits": 4, "n_repeats": 1}
+    first, _, note = probe_targets({"f": x}, table, {**config, "seed": 0})
+    again, _, _ = probe_targets({"f": x}, table, {**config, "seed": 0})
+    other, _, _ = probe_targets({"f": x}, table, {**config, "seed": 1})
+    assert "diagnosis" in note  # a missing target is named, the others still run
+    assert set(first["target"]) == {"age", "sex"}
+    pd.testing.assert_frame_equal(first, again)
+    age = first["target"] == "age"
+    assert not np.allclose(
+        first.loc[age].select_dtypes("number"), other.loc[age].select_dtypes("number")
+    )
+    no_chance, _, _ = probe_targets({"f": x}, table, {**config, "seed": 0}, include_chance=False)
+    assert "chance" not in set(no_chance["feature_set"])

@@ -21,7 +21,9 @@ rule probe:
         config=lambda wc: {
             **config["probes"],
             "extract": config["extract"],
-            "seed": config["seed"],
+            # The random-weights baseline starts from DINO's own initial weights; the folds
+            # keep probes.seed.
+            "encoder_seed": config["seed"],
         },
         preproc_dir=lambda wc, input: os.path.dirname(input.volumes[0]),
     script:
