@@ -352,8 +352,7 @@ class DINO(TransformerMixin, BaseEstimator):
         Returns:
             ``{"teacher_entropy": scalar, "teacher_batch_entropy": scalar}``.
         """
-        temp = self.loss.teacher_temperature(self.current_epoch)
-        probs = torch.softmax((z_teacher.float() - self.loss.center) / temp, dim=-1)
+        probs = self.loss.teacher_probs(z_teacher, self.current_epoch)
         per_view = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
         mean_probs = probs.mean(dim=(0, 1))
         batch = -(mean_probs * mean_probs.clamp_min(1e-12).log()).sum()

@@ -122,10 +122,8 @@ class DINOLoss(nn.Module):
         if n_views * n_global - n_global < 1:
             raise ValueError("DINOLoss needs at least one (teacher, student) pair with i != j")
 
-        # Computed in float32 whatever the autocast dtype: the temperatures sharpen the logits
-        # by 10-25x, which half precision does not represent well.
-        temp = self.teacher_temperature(epoch)
-        teacher_probs = F.softmax((teacher_out.detach().float() - self.center) / temp, dim=-1)
+        teacher_probs = self.teacher_probs(teacher_out, epoch)
+        # float32 whatever the autocast dtype (see teacher_probs).
         student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
         # cross[i, j] = mean over the batch of -sum_k p_t(i) log p_s(j)
         cross = -torch.einsum("ibk,jbk->ij", teacher_probs, student_logp) / batch
@@ -134,6 +132,22 @@ class DINOLoss(nn.Module):
         if update_center:
             self.update_center(teacher_out)
         return loss
+
+    def teacher_probs(self, teacher_out: torch.Tensor, epoch: int | None = None) -> torch.Tensor:
+        """The teacher's targets: ``softmax((teacher_out - center) / T_t(epoch))``, no gradient.
+
+        Computed in float32 whatever the autocast dtype: the temperatures sharpen the logits by
+        10-100x, which half precision does not represent well.
+
+        Args:
+            teacher_out: (..., K) teacher head outputs.
+            epoch: current epoch for the temperature warm-up; None means ``teacher_temp``.
+
+        Returns:
+            Probabilities of the same shape, float32.
+        """
+        temp = self.teacher_temperature(epoch)
+        return F.softmax((teacher_out.detach().float() - self.center) / temp, dim=-1)
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
