@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from nidl_dino.baselines import brain_volume_feature, intensity_pca_features
+from nidl_dino.encoders import feature_encoder
 from nidl_dino.errors import UserError
 from nidl_dino.features import FEATURE_PREFIX, extract_features, load_teacher
 from nidl_dino.probes import PREDICTION_COLUMNS, SCORE_COLUMNS, run_probes
@@ -77,7 +78,11 @@ def feature_sets_for(
     sets: dict[str, Any] = {"dino": table[feature_columns].to_numpy(dtype=np.float32)}
     extract = config.get("extract", {}) or {}
     encoder_seed = int(config.get("encoder_seed", config.get("seed", 0)))
-    random_encoder = random_encoder_like(teacher_path, seed=encoder_seed)
+    # Read out like the DINO features (extract.pooling), so only the weights differ.
+    random_encoder = feature_encoder(
+        random_encoder_like(teacher_path, seed=encoder_seed),
+        str(extract.get("pooling", "stages_mean_std")),
+    )
     sets["random_encoder"] = extract_features(
         random_encoder,
         paths,

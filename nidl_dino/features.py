@@ -1,8 +1,11 @@
 """Saving the trained teacher, extracting features, and writing the feature tables.
 
-A feature is the teacher backbone's output (no projection head) for the whole preprocessed
-volume (1, D, H, W), in eval mode (BatchNorm running statistics), one vector of ``output_dim``
-floats per scan. The teacher file holds only tensors and plain values, and loads with
+A feature vector comes from the teacher backbone (no projection head) run on the whole preprocessed
+volume (1, D, H, W) in eval mode (BatchNorm running statistics), one vector per scan. With
+``extract.pooling: stages_mean_std`` (default) it joins the spatial standard deviations and means
+of every stage of the backbone, with ``stages`` the means only
+(:class:`~nidl_dino.encoders.StagePooling`; the backbone's own output is the last part of both);
+with ``last`` it is the backbone's output alone (``output_dim`` floats). The teacher file holds only tensors and plain values, and loads with
 ``torch.load(weights_only=True)``: opening it never executes code from the file. The encoder's
 code comes from the installed package (a registry name) or from the import path recorded in it.
 """
@@ -271,11 +274,13 @@ def extract_cohort(
         qc: the QC table (scan_id, participant_id, session_id, status, ...).
         preproc_dir: the workflow's preprocessing folder.
         manifest_path: the manifest to write.
-        config: the ``extract:`` section plus ``trainer`` (accelerator, precision).
+        config: the ``extract:`` section (batch_size, num_workers, pooling) plus ``trainer``
+            (accelerator, precision).
 
     Returns:
         The manifest.
     """
+    from nidl_dino.encoders import feature_encoder
     from nidl_dino.tables import ok_scans, preprocessed_volume
 
     out_dir = Path(manifest_path).parent
@@ -283,8 +288,9 @@ def extract_cohort(
     scans = ok_scans(qc)
     trainer = config.get("trainer", {}) or {}
     encoder, info = load_teacher(teacher_path)
+    pooling = str(config.get("pooling", "stages_mean_std"))
     features = extract_features(
-        encoder,
+        feature_encoder(encoder, pooling),
         [str(preprocessed_volume(preproc_dir, s)) for s in scans["scan_id"]],
         batch_size=int(config.get("batch_size", 4)),
         num_workers=int(config.get("num_workers", 0)),
@@ -300,6 +306,7 @@ def extract_cohort(
     manifest = scans[["scan_id", "participant_id", "session_id"]].copy()
     manifest["table"] = [p.name for p in tables]
     manifest["model_id"] = info["model_id"]
+    manifest["pooling"] = pooling
     for name in set(previous) - set(manifest["table"]):
         (out_dir / name).unlink(missing_ok=True)
     write_table_atomic(manifest, manifest_path)

@@ -189,3 +189,116 @@ def test_import_path_module_is_an_nn_module():
     encoder = build_encoder("torch.nn:Flatten", image_size=4)
     assert isinstance(encoder, nn.Flatten)
     assert encoder.output_dim == 64
+
+
+# Stage channels of each registry encoder, from the architectures' definitions: small_cnn's
+# channels; MONAI ResNet layer1-4 = 64, 128, 256, 512 planes (x4 for resnet50's bottlenecks);
+# DenseNet121 (growth 32, blocks 6/12/24/16, init 64): 256 -> 128, 512 -> 256, 1024 -> 512, 1024.
+STAGE_CASES = [
+    pytest.param("small_cnn", {"channels": [4, 8, 16, 32]}, [4, 8, 16, 32], 32, id="small_cnn"),
+    pytest.param("resnet10", {}, [64, 128, 256, 512], 32, id="resnet10"),
+    pytest.param("resnet50", {}, [256, 512, 1024, 2048], 32, id="resnet50", marks=pytest.mark.slow),
+    pytest.param(
+        "densenet121", {}, [128, 256, 512, 1024], 32, id="densenet121", marks=pytest.mark.slow
+    ),
+    pytest.param("vit", {**TINY_VIT, "num_layers": 6}, [32] * 4, 32, id="vit", marks=needs_einops),
+    pytest.param("vit", TINY_VIT, [32], 32, id="vit-1-block", marks=needs_einops),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "channels", "size"), STAGE_CASES)
+def test_stage_pooling_joins_every_stage_and_ends_with_the_encoder_output(
+    name, kwargs, channels, size
+):
+    from nidl_dino.encoders import feature_encoder, stage_outputs
+
+    torch.manual_seed(0)
+    encoder = build_encoder({"name": name, "kwargs": kwargs}, image_size=size).eval()
+    pooled = feature_encoder(encoder, "stages").eval()
+    assert pooled.output_dim == sum(channels)
+    x = torch.randn(2, 1, size, size, size)
+    with torch.no_grad():
+        features, own = pooled(x), encoder(x)
+        maps = stage_outputs(encoder, x)
+    assert features.shape == (2, sum(channels))
+    assert [m.shape[1] for m in maps] == channels
+    # the last block is what DINO trained: the encoder's own output
+    torch.testing.assert_close(features[:, -encoder.output_dim :], own)
+    # each block is its stage's mean over space
+    start = 0
+    for m, c in zip(maps, channels, strict=True):
+        expected = m.reshape(2, c, -1).mean(-1) if m.ndim == 5 else m
+        torch.testing.assert_close(features[:, start : start + c], expected)
+        start += c
+    assert feature_encoder(encoder, "last") is encoder
+
+
+def test_small_cnn_stages_are_its_stride_two_maps():
+    from nidl_dino.encoders import stage_outputs
+
+    encoder = build_encoder({"name": "small_cnn", "kwargs": {"channels": [2, 3, 4]}}).eval()
+    maps = stage_outputs(encoder, torch.randn(1, 1, 16, 16, 16))
+    assert [tuple(m.shape) for m in maps] == [(1, 2, 8, 8, 8), (1, 3, 4, 4, 4), (1, 4, 2, 2, 2)]
+
+
+def test_stage_pooling_of_an_unknown_module_says_what_to_do():
+    from nidl_dino.encoders import feature_encoder
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(1, 3, 3)
+            self.output_dim = 3
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3, 4))
+
+    with pytest.raises(UserError, match="extract.pooling: last"):
+        feature_encoder(Plain(), "stages")
+    assert feature_encoder(Plain(), "last").output_dim == 3
+    with pytest.raises(UserError, match="extract.pooling='mean'"):
+        feature_encoder(Plain(), "mean")
+
+    class WithStages(Plain):
+        def stage_outputs(self, x):
+            h = self.conv(x)
+            return [h, h.amax((2, 3, 4))]
+
+    x = torch.randn(2, 1, 8, 8, 8)
+    pooled = feature_encoder(WithStages(), "stages")
+    assert pooled.output_dim == 6
+    with torch.no_grad():
+        h = pooled.encoder.conv(x)
+        torch.testing.assert_close(pooled(x), torch.cat([h.mean((2, 3, 4)), h.amax((2, 3, 4))], 1))
+
+
+def test_stages_mean_std_puts_each_maps_spatial_std_first():
+    import numpy as np
+
+    from nidl_dino.encoders import feature_encoder, stage_outputs
+
+    torch.manual_seed(0)
+    channels = [2, 3, 4]
+    encoder = build_encoder({"name": "small_cnn", "kwargs": {"channels": channels}}).eval()
+    pooled = feature_encoder(encoder, "stages_mean_std").eval()
+    assert pooled.output_dim == 2 * sum(channels)
+    x = torch.randn(3, 1, 16, 16, 16)
+    with torch.no_grad():
+        features = pooled(x).numpy()
+        maps = [m.numpy() for m in stage_outputs(encoder, x)]
+    # population standard deviation over the voxels, sqrt(mean((v - mean(v))^2)), per channel
+    std = np.concatenate(
+        [np.sqrt(((m - m.mean((2, 3, 4), keepdims=True)) ** 2).mean((2, 3, 4))) for m in maps], 1
+    )
+    mean = np.concatenate([m.mean((2, 3, 4)) for m in maps], 1)
+    np.testing.assert_allclose(features, np.concatenate([std, mean], 1), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        np.testing.assert_allclose(features[:, -4:], encoder(x).numpy(), rtol=1e-6)
+
+
+@needs_einops
+def test_stages_mean_std_of_a_vit_keeps_its_token_vectors_once():
+    from nidl_dino.encoders import feature_encoder
+
+    encoder = build_encoder({"name": "vit", "kwargs": {**TINY_VIT, "num_layers": 2}}, image_size=16)
+    assert feature_encoder(encoder, "stages_mean_std").output_dim == 2 * 32

@@ -61,8 +61,12 @@ def test_feature_sets_align_with_ok_rows(tmp_path):
     assert list(table["participant_id"]) == ["sub-00", "sub-02", "sub-03", "sub-04"]
     assert sets["dino"][:, 0].tolist() == pytest.approx([0.1, 0.3, 0.4, 0.5])
     assert sets["brain_volume"][:, 0].tolist() == [1000.0, 1100.0, 1200.0, 1300.0]
-    assert sets["random_encoder"].shape == (4, encoder.output_dim)
+    # read out like the DINO features: std and mean of every stage of small_cnn by default
+    assert sets["random_encoder"].shape == (4, 2 * (16 + 32 + 64 + 128))
     assert sets["intensity_pca"].X.shape[0] == 4
+    config = {"seed": 0, "extract": {"pooling": "last"}}
+    _, sets = feature_sets_for(cohort, qc, teacher, tmp_path / "preproc", config)
+    assert sets["random_encoder"].shape == (4, encoder.output_dim)
 
 
 def test_random_encoder_baseline_is_the_trained_encoders_starting_point(tmp_path):
