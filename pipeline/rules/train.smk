@@ -15,7 +15,9 @@ rule train:
         f"{OUT}/logs/train.log",
     conda:
         "../../envs/dino.yaml"
-    threads: max(1, config["data"]["num_workers"])
+    # torch's threads for the network (Snakemake lowers them to --cores on a workstation); the
+    # view-making loader workers run beside them.
+    threads: max(1, config["data"]["num_workers"], config["resources"]["train"].get("threads", 1))
     resources:
         gpu=config["resources"]["train"]["gpu"],
         mem_mb=config["resources"]["train"]["mem_mb"],
