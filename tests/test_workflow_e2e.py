@@ -82,7 +82,10 @@ def test_tiny_end_to_end_run(cohort):
     for column in ("participant_id", "session_id", "status", "reason", "age", "sex", "site"):
         assert column in cohort_pq.columns
     features = [c for c in cohort_pq.columns if c.startswith("feature_")]
-    assert features
+    # default readout: std and mean of every small_cnn stage (16, 32, 64, 128 channels)
+    assert len(features) == 2 * (16 + 32 + 64 + 128)
+    manifest = pd.read_csv(out / "features/manifest.tsv", sep="\t")
+    assert set(manifest["pooling"]) == {"stages_mean_std"}
     is_ok = cohort_pq["status"] == "ok"
     assert cohort_pq.loc[is_ok, features].notna().all().all()
     assert cohort_pq.loc[~is_ok, features].isna().all().all()
@@ -104,6 +107,12 @@ def test_tiny_end_to_end_run(cohort):
     # nothing to do on a second run
     res = snakemake(root, "-n", "--cores", "1", "--configfile", str(_overlay(root, "out")))
     assert "Nothing to be done" in res.stdout + res.stderr
+
+    # another readout re-extracts the features from the same teacher: no re-training
+    other = _overlay(root, "out", extract={"pooling": "last"})
+    res = snakemake(root, "-n", "--cores", "1", "--configfile", str(other))
+    log = res.stdout + res.stderr
+    assert "rule extract:" in log and "rule train:" not in log and "rule preprocess:" not in log
 
 
 @pytest.mark.slow
