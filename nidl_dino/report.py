@@ -72,6 +72,7 @@ CONFIG_KEYS: tuple[tuple[str, str], ...] = (
     ("learning rate", "dino.learning_rate"),
     ("teacher temperature", "dino.teacher_temperature"),
     ("prototypes", "dino.proj_output_dim"),
+    ("feature readout", "extract.pooling"),
     ("seed", "seed"),
     ("BIDS dataset", "bids_dir"),
 )

@@ -166,6 +166,7 @@ def _make_inputs(folder: Path, *, site: bool = True, age: bool = True) -> dict:
         "seed": 0,
         "views": {"global_size": [48, 48, 48], "local_size": [24, 24, 24], "num_local_crops": 8},
         "trainer": {"max_epochs": 30},
+        "extract": {"pooling": "stages_mean_std"},
     }
     return {
         "qc_tsv": folder / "qc.tsv",
@@ -300,6 +301,7 @@ def test_header_lists_run_facts(report):
         "small_cnn",
         "48 × 48 × 48",
         "24 × 24 × 24",
+        "stages_mean_std",
     ):
         assert fact in text, fact
 

@@ -27,6 +27,7 @@ rule report:
                 "data",
                 "dino",
                 "trainer",
+                "extract",
                 "seed",
             )
         },
