@@ -382,6 +382,109 @@ def format_probe_table(scores: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+#: The metric each task is judged on in :func:`compare_to_baselines`.
+PRIMARY_METRIC: dict[str, str] = {"regression": "mae", "classification": "roc_auc"}
+#: Columns of the table returned by :func:`compare_to_baselines`.
+COMPARISON_COLUMNS = [
+    "target",
+    "metric",
+    "reference",
+    "baseline",
+    "reference_mean",
+    "reference_std",
+    "baseline_mean",
+    "baseline_std",
+    "gain_mean",
+    "gain_std",
+    "wins",
+    "n_folds",
+    "beats_by_spread",
+]
+
+
+def compare_to_baselines(predictions: pd.DataFrame, reference: str = "dino") -> pd.DataFrame:
+    """The reference feature set against every other one, fold by fold, on the primary metrics.
+
+    Every feature set is scored on the same test folds, so the folds pair up: per target, the
+    primary metric (MAE for regression, ROC-AUC for classification) is recomputed on each
+    (repeat, fold) test fold from the out-of-fold predictions, and the reference's gain over a
+    baseline is taken fold by fold (positive: the reference is better, in the metric's units).
+
+    Args:
+        predictions: Out-of-fold predictions of :func:`run_probes` (``feature_set``, ``target``,
+            ``task``, ``repeat``, ``fold``, ``y_true``, ``y_pred``).
+        reference: The feature set compared with all others.
+
+    Returns:
+        One row per target x baseline (columns :data:`COMPARISON_COLUMNS`): the means and sample
+        standard deviations (ddof=1) of both sets over the folds, ``gain_mean`` / ``gain_std``
+        of the paired gain, ``wins`` (folds where the reference is strictly better),
+        ``n_folds``, and ``beats_by_spread``: the reference's mean is better by more than the
+        larger of the two fold spreads. Empty when the reference was not probed.
+    """
+    rows = []
+    for (target, task), frame in predictions.groupby(["target", "task"], sort=False):
+        metric = PRIMARY_METRIC[task]
+        per_fold = pd.Series(
+            {
+                key: _fold_metric(metric, fold["y_true"], fold["y_pred"])
+                for key, fold in frame.groupby(["feature_set", "repeat", "fold"], sort=False)
+            }
+        ).unstack(0)
+        per_fold = per_fold[list(dict.fromkeys(frame["feature_set"]))]  # probing order
+        if reference not in per_fold.columns:
+            continue
+        sign = -1.0 if metric == "mae" else 1.0  # gain > 0: the reference is better
+        ref = per_fold[reference]
+        for baseline in per_fold.columns.drop(reference):
+            base = per_fold[baseline]
+            gain = sign * (ref - base)
+            spread = max(ref.std(ddof=1), base.std(ddof=1))
+            rows.append(
+                {
+                    "target": target,
+                    "metric": metric,
+                    "reference": reference,
+                    "baseline": baseline,
+                    "reference_mean": ref.mean(),
+                    "reference_std": ref.std(ddof=1),
+                    "baseline_mean": base.mean(),
+                    "baseline_std": base.std(ddof=1),
+                    "gain_mean": gain.mean(),
+                    "gain_std": gain.std(ddof=1),
+                    "wins": int((gain > 0).sum()),
+                    "n_folds": int(gain.notna().sum()),
+                    "beats_by_spread": bool(sign * (ref.mean() - base.mean()) > spread),
+                }
+            )
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+def format_comparison_table(comparison: pd.DataFrame) -> str:
+    """Render :func:`compare_to_baselines` as a markdown table, one row per target x baseline."""
+    lines = [
+        "| target | metric | baseline | gain of the reference (paired) | folds won | "
+        "better by more than the spread |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in comparison.itertuples(index=False):
+        decimals = 2 if row.metric == "mae" else 3
+        gain = f"{row.gain_mean:+.{decimals}f} ± {row.gain_std:.{decimals}f}"
+        lines.append(
+            f"| {row.target} | {METRIC_LABELS.get(row.metric, row.metric)} | {row.baseline} | "
+            f"{gain} | {row.wins}/{row.n_folds} | {'yes' if row.beats_by_spread else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def _fold_metric(metric: str, y_true: pd.Series, y_pred: pd.Series) -> float:
+    if metric == "mae":
+        return float(mean_absolute_error(y_true, y_pred))
+    if y_true.nunique() < 2:  # a test fold with one class has no AUC
+        return float("nan")
+    return float(roc_auc_score(y_true, y_pred))
+
+
 def write_probe_table(scores: pd.DataFrame, path: str | Path) -> None:
     """Write probe scores as a tab-separated table (parent folders are created).
 

@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from nidl_dino.errors import UserError
-from nidl_dino.probes import METRIC_LABELS
+from nidl_dino.probes import METRIC_LABELS, compare_to_baselines
 from nidl_dino.tables import read_qc_table
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def write_report(
     cohort, cohort_note = _read_optional(cohort_parquet, "cohort table", pd.read_parquet)
 
     sections = [
-        ("probes", "Linear probes", _probe_section(scores, scores_note)),
+        ("probes", "Linear probes", _probe_section(scores, scores_note, predictions)),
         ("scatter", "Predicted versus true", _scatter_section(predictions, predictions_note)),
         ("embedding", "Feature embedding", _embedding_section(cohort, cohort_note)),
         ("training", "Training curves", _curves_section(curves_png)),
@@ -491,12 +491,50 @@ def _card(heading: str, facts: Mapping[str, Any]) -> str:
     return f'<div class="card"><h3>{html.escape(heading)}</h3><dl class="facts">{items}</dl></div>'
 
 
-def _probe_section(scores: pd.DataFrame | None, note: str | None) -> str:
+def _probe_section(
+    scores: pd.DataFrame | None, note: str | None, predictions: pd.DataFrame | None = None
+) -> str:
     if scores is None:
         return _note(note)
     if scores.empty:
         return _note("The probe table is empty.")
-    return probe_table_html(scores)
+    html_table = probe_table_html(scores)
+    if predictions is not None and len(predictions) and "task" in predictions.columns:
+        comparison = compare_to_baselines(predictions, reference=DINO)
+        if len(comparison):
+            html_table += "\n" + comparison_table_html(comparison)
+    return html_table
+
+
+def comparison_table_html(comparison: pd.DataFrame) -> str:
+    """:func:`~nidl_dino.probes.compare_to_baselines` as an HTML table with a caption."""
+    rows = []
+    for row in comparison.itertuples(index=False):
+        decimals = 2 if row.metric == "mae" else 3
+        verdict = "yes" if row.beats_by_spread else "no"
+        cells = [
+            html.escape(str(row.target)),
+            html.escape(METRIC_LABELS.get(row.metric, str(row.metric))),
+            html.escape(str(row.baseline)),
+            f"{row.gain_mean:+.{decimals}f} ± {row.gain_std:.{decimals}f}",
+            f"{row.wins}/{row.n_folds}",
+            f'<span class="status-{"ok" if row.beats_by_spread else "excluded"}">{verdict}</span>',
+        ]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    header = "".join(
+        f"<th>{h}</th>"
+        for h in ("target", "metric", "baseline", "gain of DINO", "folds won", "beats by spread")
+    )
+    caption = (
+        "DINO against each baseline, fold by fold on the same test folds: gain is positive when "
+        "DINO is better (mean ± standard deviation of the paired differences); 'beats by spread' "
+        "when DINO's mean is better by more than the larger of the two fold spreads."
+    )
+    return (
+        '<table class="probes" id="comparison-table">\n'
+        f"<thead><tr>{header}</tr></thead>\n<tbody>{''.join(rows)}</tbody>\n</table>\n"
+        f'<p class="caption">{html.escape(caption)}</p>'
+    )
 
 
 def _scatter_section(predictions: pd.DataFrame | None, note: str | None) -> str:
@@ -796,6 +834,7 @@ __all__ = [
     "DINO",
     "THUMBNAIL_WIDTH",
     "averaged_predictions",
+    "comparison_table_html",
     "pca_embedding",
     "probe_table_html",
     "write_report",

@@ -469,3 +469,59 @@ def test_probe_table_formats_and_round_trips(tmp_path):
     write_probe_table(scores, path)
     back = pd.read_csv(path, sep="\t")
     pd.testing.assert_frame_equal(back, scores, check_dtype=False)
+
+
+def test_compare_to_baselines_pairs_the_folds_by_hand():
+    from nidl_dino.probes import compare_to_baselines
+
+    rows = []
+    # regression: 3 folds of 2 rows; absolute errors per fold (dino, pca) chosen by hand
+    errors = {"dino": [1.0, 2.0, 3.0], "pca": [2.0, 2.0, 6.0]}
+    for name, errs in errors.items():
+        for fold, e in enumerate(errs):
+            for sign in (1, -1):  # errors of +e and -e: MAE e
+                rows.append(("age", "regression", name, fold, 50.0, 50.0 + sign * e))
+    # classification: fold 0 dino ranks perfectly (AUC 1), pca inverted (AUC 0);
+    # fold 1 both perfect
+    for name, good0 in (("dino", True), ("pca", False)):
+        for fold in (0, 1):
+            good = good0 or fold == 1
+            for y in (0.0, 1.0):
+                rows.append(("sex", "classification", name, fold, y, y if good else 1 - y))
+    predictions = pd.DataFrame(
+        rows, columns=["target", "task", "feature_set", "fold", "y_true", "y_pred"]
+    ).assign(repeat=0)
+    table = compare_to_baselines(predictions).set_index("target")
+
+    age = table.loc["age"]
+    gains = np.array([2 - 1, 2 - 2, 6 - 3], dtype=float)  # pca MAE - dino MAE per fold
+    assert age["metric"] == "mae" and age["baseline"] == "pca"
+    assert age["gain_mean"] == pytest.approx(gains.mean())
+    assert age["gain_std"] == pytest.approx(gains.std(ddof=1))
+    assert age["wins"] == 2 and age["n_folds"] == 3  # the tie is not a win
+    assert age["reference_mean"] == pytest.approx(2.0)
+    assert age["baseline_mean"] == pytest.approx(10 / 3)
+    # better by 1.33, but the spreads are 1.0 (dino) and 2.31 (pca): not by more than the spread
+    assert not age["beats_by_spread"]
+
+    sex = table.loc["sex"]
+    assert sex["metric"] == "roc_auc"
+    assert sex["gain_mean"] == pytest.approx(0.5)  # folds: 1 - 0, 1 - 1
+    assert sex["wins"] == 1 and sex["n_folds"] == 2
+    assert not sex["beats_by_spread"]  # 0.5 better, pca's spread std([0, 1]) = 0.707
+
+
+def test_compare_to_baselines_flags_a_clear_win():
+    from nidl_dino.probes import compare_to_baselines
+
+    rows = []
+    for fold, (d, b) in enumerate([(1.0, 5.0), (1.5, 5.5), (2.0, 6.0)]):
+        for name, e in (("dino", d), ("pca", b)):
+            rows += [("age", "regression", name, fold, 0.0, s * e) for s in (1, -1)]
+    predictions = pd.DataFrame(
+        rows, columns=["target", "task", "feature_set", "fold", "y_true", "y_pred"]
+    ).assign(repeat=0)
+    row = compare_to_baselines(predictions).iloc[0]
+    assert row["gain_mean"] == pytest.approx(4.0) and row["gain_std"] == pytest.approx(0.0)
+    assert row["beats_by_spread"] and row["wins"] == 3
+    assert compare_to_baselines(predictions, reference="absent").empty

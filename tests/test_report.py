@@ -458,3 +458,21 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     assert shot.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_comparison_table_pairs_dino_with_each_baseline(report):
+    out, inputs = report
+    predictions = pd.read_csv(inputs["predictions_tsv"], sep="\t")
+    rows = _parse(out).tables["comparison-table"]
+    body = [[c["text"] for c in r["cells"]] for r in rows[1:]]
+    baselines = [name for name in FEATURE_SETS if name != "dino"]
+    assert [(r[0], r[2]) for r in body] == [(t, b) for t in ("age", "sex") for b in baselines]
+    # age MAE of chance's folds minus DINO's, averaged over the (repeat, fold) test folds
+    age = predictions[predictions["target"] == "age"].assign(
+        err=lambda d: (d["y_true"] - d["y_pred"]).abs()
+    )
+    mae = age.groupby(["feature_set", "repeat", "fold"])["err"].mean()
+    gain = mae["chance"] - mae["dino"]
+    row = next(r for r in body if r[0] == "age" and r[2] == "chance")
+    assert row[3] == f"{gain.mean():+.2f} ± {gain.std(ddof=1):.2f}"
+    assert row[4] == f"{(gain > 0).sum()}/{len(gain)}"

@@ -98,6 +98,8 @@ def test_tiny_end_to_end_run(cohort):
 
     # probes ran, or say in their table why a 4-scan cohort could not be probed
     assert (out / "probes/scores.tsv").exists() and (out / "probes/predictions.tsv").exists()
+    comparison = pd.read_csv(out / "probes/comparison.tsv", sep="\t")
+    assert "beats_by_spread" in comparison.columns
     assert (out / "probes/probe_table.md").read_text().strip()
 
     report = (out / "report/report.html").read_text()

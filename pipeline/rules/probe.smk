@@ -11,6 +11,7 @@ rule probe:
     output:
         scores=f"{OUT}/probes/scores.tsv",
         predictions=f"{OUT}/probes/predictions.tsv",
+        comparison=f"{OUT}/probes/comparison.tsv",
         table=f"{OUT}/probes/probe_table.md",
     log:
         f"{OUT}/logs/probe.log",
