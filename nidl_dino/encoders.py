@@ -49,6 +49,7 @@ from torch import nn
 from nidl_dino.errors import UserError
 
 __all__ = [
+    "DEFAULT_POOLING",
     "ENCODERS",
     "POOLINGS",
     "SmallCNN",
@@ -424,9 +425,11 @@ def _in_channels(encoder: nn.Module) -> int:
 #: ``stages`` (spatial mean of every stage, :class:`StagePooling`) or ``stages_mean_std`` (and
 #: each stage's spatial standard deviation).
 POOLINGS = ("last", "stages", "stages_mean_std")
+#: The readout when config.yaml's ``extract.pooling`` is absent (its shipped value).
+DEFAULT_POOLING = "stages_mean_std"
 
 
-def feature_encoder(encoder: nn.Module, pooling: str = "stages_mean_std") -> nn.Module:
+def feature_encoder(encoder: nn.Module, pooling: str = DEFAULT_POOLING) -> nn.Module:
     """The module that turns a volume into its feature vector, for a pooling of ``POOLINGS``.
 
     Raises:

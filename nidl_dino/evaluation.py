@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from nidl_dino.baselines import brain_volume_feature, intensity_pca_features
-from nidl_dino.encoders import feature_encoder
+from nidl_dino.encoders import DEFAULT_POOLING, feature_encoder
 from nidl_dino.errors import UserError
 from nidl_dino.features import FEATURE_PREFIX, extract_features, load_teacher
 from nidl_dino.probes import PREDICTION_COLUMNS, SCORE_COLUMNS, run_probes
@@ -81,7 +81,7 @@ def feature_sets_for(
     # Read out like the DINO features (extract.pooling), so only the weights differ.
     random_encoder = feature_encoder(
         random_encoder_like(teacher_path, seed=encoder_seed),
-        str(extract.get("pooling", "stages_mean_std")),
+        str(extract.get("pooling", DEFAULT_POOLING)),
     )
     sets["random_encoder"] = extract_features(
         random_encoder,

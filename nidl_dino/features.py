@@ -280,7 +280,7 @@ def extract_cohort(
     Returns:
         The manifest.
     """
-    from nidl_dino.encoders import feature_encoder
+    from nidl_dino.encoders import DEFAULT_POOLING, feature_encoder
     from nidl_dino.tables import ok_scans, preprocessed_volume
 
     out_dir = Path(manifest_path).parent
@@ -288,7 +288,7 @@ def extract_cohort(
     scans = ok_scans(qc)
     trainer = config.get("trainer", {}) or {}
     encoder, info = load_teacher(teacher_path)
-    pooling = str(config.get("pooling", "stages_mean_std"))
+    pooling = str(config.get("pooling", DEFAULT_POOLING))
     features = extract_features(
         feature_encoder(encoder, pooling),
         [str(preprocessed_volume(preproc_dir, s)) for s in scans["scan_id"]],

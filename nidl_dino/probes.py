@@ -468,13 +468,18 @@ def format_comparison_table(comparison: pd.DataFrame) -> str:
         "|---|---|---|---|---|---|",
     ]
     for row in comparison.itertuples(index=False):
-        decimals = 2 if row.metric == "mae" else 3
-        gain = f"{row.gain_mean:+.{decimals}f} ± {row.gain_std:.{decimals}f}"
+        gain = format_gain(row.metric, row.gain_mean, row.gain_std)
         lines.append(
             f"| {row.target} | {METRIC_LABELS.get(row.metric, row.metric)} | {row.baseline} | "
             f"{gain} | {row.wins}/{row.n_folds} | {'yes' if row.beats_by_spread else 'no'} |"
         )
     return "\n".join(lines)
+
+
+def format_gain(metric: str, mean: float, std: float) -> str:
+    """A paired gain as ``+mean ± std`` (2 decimals for MAE, 3 for the bounded metrics)."""
+    decimals = 2 if metric == "mae" else 3
+    return f"{mean:+.{decimals}f} ± {std:.{decimals}f}"
 
 
 def _fold_metric(metric: str, y_true: pd.Series, y_pred: pd.Series) -> float:

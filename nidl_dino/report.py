@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from nidl_dino.errors import UserError
-from nidl_dino.probes import METRIC_LABELS, compare_to_baselines
+from nidl_dino.probes import METRIC_LABELS, compare_to_baselines, format_gain
 from nidl_dino.tables import read_qc_table
 
 log = logging.getLogger(__name__)
@@ -510,13 +510,12 @@ def comparison_table_html(comparison: pd.DataFrame) -> str:
     """:func:`~nidl_dino.probes.compare_to_baselines` as an HTML table with a caption."""
     rows = []
     for row in comparison.itertuples(index=False):
-        decimals = 2 if row.metric == "mae" else 3
         verdict = "yes" if row.beats_by_spread else "no"
         cells = [
             html.escape(str(row.target)),
             html.escape(METRIC_LABELS.get(row.metric, str(row.metric))),
             html.escape(str(row.baseline)),
-            f"{row.gain_mean:+.{decimals}f} ± {row.gain_std:.{decimals}f}",
+            format_gain(row.metric, row.gain_mean, row.gain_std),
             f"{row.wins}/{row.n_folds}",
             f'<span class="status-{"ok" if row.beats_by_spread else "excluded"}">{verdict}</span>',
         ]

@@ -302,3 +302,14 @@ def test_stages_mean_std_of_a_vit_keeps_its_token_vectors_once():
 
     encoder = build_encoder({"name": "vit", "kwargs": {**TINY_VIT, "num_layers": 2}}, image_size=16)
     assert feature_encoder(encoder, "stages_mean_std").output_dim == 2 * 32
+
+
+def test_default_pooling_is_config_yamls():
+    from pathlib import Path
+
+    import yaml
+
+    from nidl_dino.encoders import DEFAULT_POOLING, POOLINGS
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+    assert config["extract"]["pooling"] == DEFAULT_POOLING and DEFAULT_POOLING in POOLINGS
