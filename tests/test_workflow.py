@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import yaml
@@ -158,16 +160,37 @@ def test_profiles_name_valid_options():
 
 def test_slurm_profile_dry_run_through_the_plugin(tmp_path, bids):
     pytest.importorskip("snakemake_executor_plugin_slurm")
-    profile = tmp_path / "slurm_profile"
-    profile.mkdir()
-    settings = _profile("slurm")
-    settings.pop("software-deployment-method")  # no conda here; --use-conda is tested apart
-    (profile / "config.v8+.yaml").write_text(yaml.safe_dump(settings))
+    # the shipped profile as it is: conda is an option the user adds (--sdm conda)
     res = snakemake(
-        tmp_path, "-n", "--profile", str(profile), "--config", f"bids_dir={bids}", "output_dir=o"
+        tmp_path,
+        "-n",
+        "--profile",
+        str(REPO / "profiles/slurm"),
+        "--config",
+        f"bids_dir={bids}",
+        "output_dir=o",
     )
     assert res.returncode == 0, res.stderr
     assert _jobs(res.stdout)["train"] == 1
+
+
+def test_local_profile_dry_runs_without_conda(tmp_path, bids):
+    env_path = os.pathsep.join(
+        p for p in os.environ.get("PATH", "").split(os.pathsep) if not (Path(p) / "conda").exists()
+    )
+    res = snakemake(
+        tmp_path,
+        "-n",
+        "--profile",
+        str(REPO / "profiles/local"),
+        "--config",
+        f"bids_dir={bids}",
+        "output_dir=o",
+        env={"PATH": env_path},
+    )
+    assert res.returncode == 0, res.stderr
+    assert _jobs(res.stdout)["train"] == 1
+    assert "conda" not in res.stderr.lower()
 
 
 @pytest.mark.parametrize("env_file", sorted((REPO / "envs").glob("*.yaml")), ids=lambda p: p.name)

@@ -36,9 +36,11 @@ def tiny_bids(root: Path, subjects=("01", "02", "03"), sessions=()) -> Path:
     return root
 
 
-def snakemake(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run snakemake on the project's Snakefile from ``workdir`` (outputs stay below it)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), *args]
     return subprocess.run(
         cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env
