@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -191,29 +190,6 @@ def test_local_profile_dry_runs_without_conda(tmp_path, bids):
     assert res.returncode == 0, res.stderr
     assert _jobs(res.stdout)["train"] == 1
     assert "conda" not in res.stderr.lower()
-
-
-@pytest.mark.parametrize("env_file", sorted((REPO / "envs").glob("*.yaml")), ids=lambda p: p.name)
-def test_conda_envs_are_valid_and_pinned_to_tested_versions(env_file):
-    env = yaml.safe_load(env_file.read_text())
-    assert set(env) == {"name", "channels", "dependencies"}
-    assert "conda-forge" in env["channels"]
-    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    for requirement in pip:
-        name, _, pinned = requirement.partition("==")
-        assert pinned, f"{env_file.name}: {requirement} is not pinned"
-        installed = version(name).split("+")[0]
-        assert installed == pinned, f"{env_file.name}: {name} {pinned} but tests use {installed}"
-
-
-def test_every_rule_with_a_script_has_a_conda_env():
-    for smk in (REPO / "pipeline/rules").glob("*.smk"):
-        text = smk.read_text()
-        for rule in re.split(r"\nrule ", text)[1:]:
-            if "script:" in rule:
-                env = re.search(r'conda:\s*\n\s*"([^"]+)"', rule)
-                assert env, f"{smk.name}: rule {rule.split(':')[0]} has no conda env"
-                assert (smk.parent / env.group(1)).resolve().is_file()
 
 
 def test_use_conda_dry_run_lists_envs(tmp_path, bids):
