@@ -24,9 +24,10 @@ import pandas as pd
 import torch
 
 from nidl_dino.baselines import brain_volume_feature, intensity_pca_features
+from nidl_dino.cohort import FEATURE_PREFIX
 from nidl_dino.encoders import DEFAULT_POOLING, feature_encoder
 from nidl_dino.errors import UserError
-from nidl_dino.features import FEATURE_PREFIX, extract_features, load_teacher
+from nidl_dino.features import extract_features, load_teacher
 from nidl_dino.probes import PREDICTION_COLUMNS, SCORE_COLUMNS, run_probes
 from nidl_dino.tables import preprocessed_volume
 

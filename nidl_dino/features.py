@@ -1,4 +1,4 @@
-"""Saving the trained teacher, extracting features, and writing the feature tables.
+"""Saving the trained teacher, extracting features, and writing the per-scan feature tables.
 
 A feature vector comes from the teacher backbone (no projection head) run on the whole preprocessed
 volume (1, D, H, W) in eval mode (BatchNorm running statistics), one vector per scan. With
@@ -24,17 +24,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+from nidl_dino.cohort import feature_columns, read_manifest_tables
 from nidl_dino.errors import UserError
 from nidl_dino.tables import write_table_atomic
 
 TEACHER_FORMAT = "nidl-dino-teacher/1"
-FEATURE_PREFIX = "feature_"
-
-
-def feature_columns(dim: int) -> list[str]:
-    """``feature_0000`` ... ``feature_{dim-1}`` (at least 4 digits)."""
-    width = max(4, len(str(dim - 1)))
-    return [f"{FEATURE_PREFIX}{i:0{width}d}" for i in range(dim)]
 
 
 def save_teacher(
@@ -181,41 +175,6 @@ def write_subject_tables(
     return written
 
 
-def cohort_table(
-    qc: pd.DataFrame,
-    feature_tables: Sequence[str | os.PathLike],
-    participants: pd.DataFrame | None = None,
-    sessions: pd.DataFrame | None = None,
-) -> pd.DataFrame:
-    """One row per input scan: ids, status, reason, participants.tsv columns, features.
-
-    Args:
-        qc: the QC table (``participant_id``, ``session_id``, ``status``, ``reason``, ...).
-        feature_tables: per-scan feature TSVs written by :func:`write_subject_tables`.
-        participants: the participants table (``participant_id`` plus phenotypes), or None.
-        sessions: the sessions.tsv rows (``participant_id``, ``session_id``, ...), or None.
-
-    Returns:
-        The cohort table, in QC-table order; features are empty (NaN) for excluded scans.
-    """
-    from nidl_dino.participants import merge_participants
-
-    ids = ["participant_id", "session_id"]
-    base = qc[ids + ["status", "reason"]].copy()
-    base["session_id"] = base["session_id"].fillna("").astype(str)
-    if participants is not None:
-        base = merge_participants(base, participants, sessions)
-    frames = [
-        pd.read_csv(p, sep="\t", dtype={"participant_id": str, "session_id": str})
-        for p in feature_tables
-    ]
-    if frames:
-        feats = pd.concat(frames, ignore_index=True)
-        feats["session_id"] = feats["session_id"].fillna("").astype(str)
-        base = base.merge(feats, on=ids, how="left")
-    return base
-
-
 def _names_encoder_class(name: Any) -> bool:
     """True for a registry name or an import path of an ``nn.Module`` subclass."""
     from nidl_dino.encoders import ENCODERS
@@ -284,7 +243,7 @@ def extract_cohort(
     from nidl_dino.tables import ok_scans, preprocessed_volume
 
     out_dir = Path(manifest_path).parent
-    previous = _read_manifest(manifest_path)
+    previous = read_manifest_tables(manifest_path)
     scans = ok_scans(qc)
     trainer = config.get("trainer", {}) or {}
     encoder, info = load_teacher(teacher_path)
@@ -311,47 +270,3 @@ def extract_cohort(
         (out_dir / name).unlink(missing_ok=True)
     write_table_atomic(manifest, manifest_path)
     return manifest
-
-
-def _read_manifest(path: str | os.PathLike) -> list[str]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    try:
-        return list(pd.read_csv(path, sep="\t")["table"].dropna().astype(str))
-    except (ValueError, KeyError, pd.errors.ParserError):
-        return []
-
-
-def build_cohort(
-    manifest_path: str | os.PathLike,
-    qc_path: str | os.PathLike,
-    inputs_config: Mapping[str, Any],
-    out_tsv: str | os.PathLike,
-    out_parquet: str | os.PathLike,
-) -> pd.DataFrame:
-    """Write ``features/cohort.tsv`` and ``.parquet``: one row per input scan.
-
-    Columns: participant_id, session_id, status, reason, the participants.tsv (and
-    sessions.tsv) columns, model_id and the features (empty for excluded scans).
-    """
-    from nidl_dino.inputs import participants_tsv_path
-    from nidl_dino.participants import read_participants, read_sessions
-    from nidl_dino.tables import read_qc_table
-
-    qc = read_qc_table(qc_path)
-    manifest = pd.read_csv(manifest_path, sep="\t", dtype=str, keep_default_na=False)
-    tables = [Path(manifest_path).parent / name for name in manifest["table"]]
-    participants_file = participants_tsv_path(
-        {"bids_dir": inputs_config.get("bids_dir"), **(inputs_config.get("inputs") or {})}
-    )
-    participants = read_participants(participants_file) if participants_file else None
-    sessions = None
-    bids_dir = inputs_config.get("bids_dir")
-    if participants is not None and bids_dir:
-        sessions = read_sessions(bids_dir, participants["participant_id"])
-        sessions = sessions if len(sessions) else None
-    table = cohort_table(qc, tables, participants, sessions)
-    write_table_atomic(table, out_tsv)
-    write_table_atomic(table, out_parquet)
-    return table

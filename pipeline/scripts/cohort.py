@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))  # noqa: F821
 
-from nidl_dino.features import build_cohort  # noqa: E402
+from nidl_dino.cohort import build_cohort  # noqa: E402
 from nidl_dino.jobs import job  # noqa: E402
 
 with job(snakemake.log[0], "cohort"):  # noqa: F821
