@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,8 @@ from torch import nn
 from nidl_dino.cohort import feature_columns, read_manifest_tables
 from nidl_dino.errors import UserError
 from nidl_dino.tables import write_table_atomic
+
+log = logging.getLogger(__name__)
 
 TEACHER_FORMAT = "nidl-dino-teacher/1"
 
@@ -138,12 +142,18 @@ def extract_features(
         use_distributed_sampler=False,
     )
     chunks = []
+    done, start = 0, time.perf_counter()
+    report_every = max(1, len(loader) // 10)  # about ten progress lines per extraction
     with torch.inference_mode():
-        for batch in loader:
+        for i, batch in enumerate(loader, start=1):
             x = batch["image"] if isinstance(batch, dict) else batch
             if isinstance(x, (list, tuple)):
                 x = x[0]
             chunks.append(model(x).float().cpu())
+            done += len(x)
+            if i % report_every == 0 or i == len(loader):
+                rate = done / max(time.perf_counter() - start, 1e-9)
+                log.info("features: %d of %d scans (%.1f scans/s)", done, len(volume_paths), rate)
     return torch.cat(chunks).numpy()
 
 

@@ -28,6 +28,7 @@ from nidl_dino.encoders import build_encoder
 from nidl_dino.errors import UserError
 from nidl_dino.estimator import DINO
 from nidl_dino.features import save_teacher
+from nidl_dino.progress import EpochProgress, quiet_lightning
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ def train_from_config(
 
     monitor = "val/loss" if val_paths else "train/loss_epoch"
     callbacks = [
+        EpochProgress(),
         ModelCheckpoint(
             dirpath=ckpt_dir,
             filename="last",
@@ -169,6 +171,10 @@ def train_from_config(
     ]
     trainer_cfg = dict(config.get("trainer", {}) or {})
     trainer_cfg.setdefault("log_every_n_steps", 1)
+    if not val_paths:  # no validation loop at all (else Lightning warns of an empty one)
+        trainer_cfg.setdefault("limit_val_batches", 0)
+        trainer_cfg.setdefault("num_sanity_val_steps", 0)
+    quiet_lightning()
     model = build_model(
         config,
         num_local_crops=datamodule.num_local_crops,
