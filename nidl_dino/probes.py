@@ -460,6 +460,42 @@ def compare_to_baselines(predictions: pd.DataFrame, reference: str = "dino") -> 
     return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
 
 
+#: Fewer usable scans than this and the probe table cannot judge features (see
+#: :func:`judgement_caveat`): 5 test folds of under 10 scans each give fold-to-fold spreads
+#: (age MAE +/- 2-3 years on the demo) larger than the differences between feature sets.
+MIN_SCANS_TO_JUDGE = 50
+
+
+def judgement_caveat(
+    comparison: pd.DataFrame, n_scans: int, min_scans: int = MIN_SCANS_TO_JUDGE
+) -> str | None:
+    """A plain warning when the probes cannot say whether the features are any good, else None.
+
+    Args:
+        comparison: Output of :func:`compare_to_baselines` (may be empty).
+        n_scans: Number of scans the probes ran on (usable scans with features).
+        min_scans: Below this, any comparison is called too small to judge.
+
+    Returns:
+        A sentence for the probe table and the report: the cohort is too small (``n_scans <
+        min_scans``), or no difference to a baseline exceeds the fold spread; None when at least
+        one comparison is larger than the spread on a cohort of at least ``min_scans``.
+    """
+    if n_scans < min_scans:
+        return (
+            f"This cohort is too small to judge the features: {n_scans} usable scans (fewer than "
+            f"{min_scans}). Differences between feature sets here are mostly fold-to-fold noise; "
+            "the run shows that every step works, not how good the features are."
+        )
+    if len(comparison) and not comparison["beats_by_spread"].astype(bool).any():
+        if (comparison["gain_mean"].abs() <= comparison["baseline_std"]).all():
+            return (
+                f"No difference between DINO and a baseline is larger than the spread across "
+                f"folds ({n_scans} scans): these probes cannot tell the feature sets apart."
+            )
+    return None
+
+
 def format_comparison_table(comparison: pd.DataFrame) -> str:
     """Render :func:`compare_to_baselines` as a markdown table, one row per target x baseline."""
     lines = [

@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from nidl_dino.errors import UserError
-from nidl_dino.probes import METRIC_LABELS, compare_to_baselines, format_gain
+from nidl_dino.probes import METRIC_LABELS, compare_to_baselines, format_gain, judgement_caveat
 from nidl_dino.tables import read_qc_table
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ nav { margin: 8px 0 18px; font-size: 14px; }
 nav a { margin-right: 14px; color: var(--accent); text-decoration: none; }
 .subtitle, .caption, .note { color: var(--muted); font-size: 13.5px; }
 .note { padding: 8px 12px; border-left: 4px solid var(--rule); background: #f3f4f7; }
+.caveat { padding: 8px 12px; border-left: 4px solid #c77c02; background: #fff6e5; font-weight: 600; }
 dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 3px 18px; margin: 0; }
 dl.facts dt { color: var(--muted); }
 dl.facts dd { margin: 0; font-variant-numeric: tabular-nums; word-break: break-all; }
@@ -503,6 +504,14 @@ def _probe_section(
         comparison = compare_to_baselines(predictions, reference=DINO)
         if len(comparison):
             html_table += "\n" + comparison_table_html(comparison)
+        probed = predictions[predictions["feature_set"] == DINO]
+        id_columns = [c for c in ("participant_id", "session_id") if c in probed.columns]
+        n_scans = len(probed.drop_duplicates(id_columns)) if id_columns else probed["row"].nunique()
+        caveat = judgement_caveat(comparison, n_scans)
+        if caveat:
+            html_table = (
+                f'<p class="caveat" id="too-small">{html.escape(caveat)}</p>\n' + html_table
+            )
     return html_table
 
 

@@ -525,3 +525,28 @@ def test_compare_to_baselines_flags_a_clear_win():
     assert row["gain_mean"] == pytest.approx(4.0) and row["gain_std"] == pytest.approx(0.0)
     assert row["beats_by_spread"] and row["wins"] == 3
     assert compare_to_baselines(predictions, reference="absent").empty
+
+
+def _comparison(gains, spreads, beats):
+    from nidl_dino.probes import COMPARISON_COLUMNS
+
+    rows = []
+    for gain, spread, beat in zip(gains, spreads, beats, strict=True):
+        row = dict.fromkeys(COMPARISON_COLUMNS, 0)
+        row.update(gain_mean=gain, baseline_std=spread, beats_by_spread=beat)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+
+
+def test_judgement_caveat_small_cohort_and_differences_within_the_spread():
+    from nidl_dino.probes import judgement_caveat
+
+    big = _comparison([2.0, 0.1], [0.8, 0.8], [True, False])
+    # 22 scans: too small whatever the numbers say
+    small = judgement_caveat(big, 22)
+    assert small and "too small to judge" in small and "22 usable scans" in small
+    assert judgement_caveat(big, 49, min_scans=50) is not None
+    assert judgement_caveat(big, 50, min_scans=50) is None  # one difference beyond the spread
+    within = judgement_caveat(_comparison([0.5, -0.3], [0.8, 0.9], [False, False]), 200)
+    assert within and "cannot tell" in within
+    assert judgement_caveat(_comparison([], [], []), 200) is None

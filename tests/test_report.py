@@ -476,3 +476,13 @@ def test_comparison_table_pairs_dino_with_each_baseline(report):
     row = next(r for r in body if r[0] == "age" and r[2] == "chance")
     assert row[3] == f"{gain.mean():+.2f} ± {gain.std(ddof=1):.2f}"
     assert row[4] == f"{(gain > 0).sum()}/{len(gain)}"
+
+
+def test_small_cohort_is_flagged_as_too_small_to_judge(report):
+    out, inputs = report
+    predictions = pd.read_csv(inputs["predictions_tsv"], sep="\t")
+    n = predictions[predictions["feature_set"] == "dino"]["participant_id"].nunique()
+    assert n < 50
+    text = out.read_text()
+    assert 'id="too-small"' in text
+    assert f"{n} usable scans" in text and "too small to judge" in text

@@ -13,6 +13,7 @@ from nidl_dino.probes import (  # noqa: E402
     compare_to_baselines,
     format_comparison_table,
     format_probe_table,
+    judgement_caveat,
     write_probe_table,
 )
 from nidl_dino.tables import read_qc_table, write_table_atomic  # noqa: E402
@@ -32,7 +33,10 @@ with job(snakemake.log[0], "probe") as log:  # noqa: F821
     else:  # no probe could run (e.g. too few scans): an empty table, the note says why
         comparison = pd.DataFrame(columns=COMPARISON_COLUMNS)
     write_table_atomic(comparison, snakemake.output.comparison)  # noqa: F821
-    text = format_probe_table(scores) if len(scores) else ""
+    cohort = pd.read_parquet(snakemake.input.cohort, columns=["status"])  # noqa: F821
+    caveat = judgement_caveat(comparison, int((cohort["status"] == "ok").sum()))
+    text = f"**{caveat}**\n\n" if caveat else ""
+    text += format_probe_table(scores) if len(scores) else ""
     if len(comparison):
         text += (
             "\n\nDINO against each baseline on the same test folds (gain: positive when DINO "
