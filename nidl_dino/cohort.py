@@ -43,8 +43,12 @@ def cohort_table(
 ) -> pd.DataFrame:
     """One row per input scan: ids, status, reason, participants.tsv columns, features.
 
+    Every join is on ``scan_id`` (the QC table's and the feature tables' file names), never on
+    (participant_id, session_id), which several runs of one session share.
+
     Args:
-        qc: the QC table (``participant_id``, ``session_id``, ``status``, ``reason``, ...).
+        qc: the QC table (``participant_id``, ``session_id``, ``scan_id``, ``status``,
+            ``reason``, ...).
         feature_tables: per-scan feature TSVs written by :func:`write_subject_tables`.
         participants: the participants table (``participant_id`` plus phenotypes), or None.
         sessions: the sessions.tsv rows (``participant_id``, ``session_id``, ...), or None.
@@ -55,18 +59,25 @@ def cohort_table(
     from nidl_dino.participants import merge_participants
 
     ids = ["participant_id", "session_id"]
-    base = qc[ids + ["status", "reason"]].copy()
+    base = qc[ids + ["scan_id", "status", "reason"]].copy()
     base["session_id"] = base["session_id"].fillna("").astype(str)
     if participants is not None:
         base = merge_participants(base, participants, sessions)
+    # One key per scan: a per-scan table is <scan_id>.tsv, so several runs of one session (or
+    # any two scans sharing participant and session) never multiply rows.
     frames = [
         pd.read_csv(p, sep="\t", dtype={"participant_id": str, "session_id": str})
+        .drop(columns=["participant_id", "session_id", "scan_id"], errors="ignore")
+        .assign(scan_id=Path(p).name.removesuffix(".tsv"))
         for p in feature_tables
     ]
     if frames:
         feats = pd.concat(frames, ignore_index=True)
-        feats["session_id"] = feats["session_id"].fillna("").astype(str)
-        base = base.merge(feats, on=ids, how="left")
+        if feats["scan_id"].duplicated().any():
+            raise ValueError(
+                f"two feature tables for one scan: {feats['scan_id'][feats['scan_id'].duplicated()].tolist()[:3]}"
+            )
+        base = base.merge(feats, on="scan_id", how="left", validate="one_to_one")
     return base
 
 

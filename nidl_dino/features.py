@@ -163,7 +163,7 @@ def write_subject_tables(
     out_dir: str | os.PathLike,
     model_id: str,
 ) -> list[Path]:
-    """One TSV per scan: ``participant_id``, ``session_id``, ``model_id``, feature columns.
+    """One TSV per scan: ``participant_id``, ``session_id``, ``model_id``, ``scan_id``, features.
 
     ``scans`` rows are aligned with ``features`` rows and hold ``scan_id``, ``participant_id``
     and ``session_id``. Files are named ``<scan_id>.tsv`` and written atomically.
@@ -176,6 +176,7 @@ def write_subject_tables(
     written = []
     for row, vector in zip(scans.itertuples(index=False), features, strict=True):
         table = pd.DataFrame([vector], columns=columns)
+        table.insert(0, "scan_id", row.scan_id)
         table.insert(0, "model_id", model_id)
         table.insert(0, "session_id", row.session_id or "")
         table.insert(0, "participant_id", row.participant_id)
