@@ -1,18 +1,21 @@
 """The cohort table: every input scan joined with participants.tsv and its feature table.
 
-This module imports no torch: the ``cohort`` rule runs in ``envs/tables.yaml``.
+Rows are streamed: the table is built and written a chunk of scans at a time, so memory follows
+the chunk, not the cohort (10,000 one-row tables read into one pandas frame each, then
+concatenated, peaked at 7.6 GB). This module imports no torch: the ``cohort`` rule runs in
+``envs/tables.yaml``.
 """
 
 from __future__ import annotations
 
+import csv
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
-
-from nidl_dino.tables import write_table_atomic
 
 #: Prefix of the feature columns (``feature_0000`` ...).
 FEATURE_PREFIX = "feature_"
@@ -35,6 +38,89 @@ def read_manifest_tables(path: str | os.PathLike) -> list[str]:
         return []
 
 
+#: Scans per chunk when the cohort table is streamed.
+CHUNK_ROWS = 256
+_ID_COLUMNS = ["participant_id", "session_id"]
+_TABLE_IDS = ("participant_id", "session_id", "scan_id")
+
+
+def _scan_key(path: str | os.PathLike) -> str:
+    return Path(path).name.removesuffix(".tsv")
+
+
+def _read_feature_row(path: Path) -> tuple[list[str], list[str]]:
+    """Header and the one data row of a per-scan feature table."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle, delimiter="\t"))
+    if len(rows) != 2:
+        raise ValueError(f"{path}: a per-scan feature table has a header and one row")
+    return rows[0], rows[1]
+
+
+def _base_table(
+    qc: pd.DataFrame, participants: pd.DataFrame | None, sessions: pd.DataFrame | None
+) -> pd.DataFrame:
+    from nidl_dino.participants import merge_participants
+
+    base = qc[_ID_COLUMNS + ["scan_id", "status", "reason"]].copy()
+    base["session_id"] = base["session_id"].fillna("").astype(str)
+    if participants is not None:
+        base = merge_participants(base, participants, sessions)
+    return base.reset_index(drop=True)
+
+
+def iter_cohort_chunks(
+    qc: pd.DataFrame,
+    feature_tables: Sequence[str | os.PathLike],
+    participants: pd.DataFrame | None = None,
+    sessions: pd.DataFrame | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Iterator[pd.DataFrame]:
+    """The cohort table (see :func:`cohort_table`), ``chunk_rows`` scans at a time.
+
+    Raises:
+        ValueError: two feature tables for one scan, or tables with different columns.
+    """
+    base = _base_table(qc, participants, sessions)
+    tables = {_scan_key(p): Path(p) for p in feature_tables}
+    if len(tables) != len(feature_tables):
+        keys = [_scan_key(p) for p in feature_tables]
+        raise ValueError(
+            f"two feature tables for one scan: {sorted({k for k in keys if keys.count(k) > 1})[:3]}"
+        )
+    header: list[str] | None = None
+    for start in range(0, max(len(base), 1), chunk_rows):
+        chunk = base.iloc[start : start + chunk_rows].reset_index(drop=True)
+        if not tables:
+            yield chunk
+            continue
+        model_ids: list[Any] = []
+        values = None
+        for i, scan in enumerate(chunk["scan_id"]):
+            path = tables.get(scan)
+            if path is None:
+                model_ids.append(None)
+                continue
+            names, row = _read_feature_row(path)
+            features = [n for n in names if n.startswith(FEATURE_PREFIX)]
+            if header is None:
+                header = features
+            elif features != header:
+                raise ValueError(f"{path}: its feature columns differ from the other tables'")
+            if values is None:
+                values = np.full((len(chunk), len(header)), np.nan)
+            cells = dict(zip(names, row, strict=True))
+            model_ids.append(cells.get("model_id") or None)
+            values[i] = np.asarray([cells[n] for n in header], dtype=np.float64)
+        if header is None:  # no scan of the first chunks has features yet: columns unknown
+            header = _read_feature_row(next(iter(tables.values())))[0]
+            header = [n for n in header if n.startswith(FEATURE_PREFIX)]
+        if values is None:
+            values = np.full((len(chunk), len(header)), np.nan)
+        chunk["model_id"] = pd.Series(model_ids, dtype=object)
+        yield pd.concat([chunk, pd.DataFrame(values, columns=header)], axis=1)
+
+
 def cohort_table(
     qc: pd.DataFrame,
     feature_tables: Sequence[str | os.PathLike],
@@ -43,42 +129,87 @@ def cohort_table(
 ) -> pd.DataFrame:
     """One row per input scan: ids, status, reason, participants.tsv columns, features.
 
-    Every join is on ``scan_id`` (the QC table's and the feature tables' file names), never on
-    (participant_id, session_id), which several runs of one session share.
+    Every join is on ``scan_id`` (the QC table's, and a per-scan table's file name
+    ``<scan_id>.tsv``), never on (participant_id, session_id), which several runs of one session
+    share. In memory: for large cohorts :func:`write_cohort` streams the same rows to disk.
 
     Args:
         qc: the QC table (``participant_id``, ``session_id``, ``scan_id``, ``status``,
             ``reason``, ...).
-        feature_tables: per-scan feature TSVs written by :func:`write_subject_tables`.
+        feature_tables: per-scan feature TSVs written by
+            :func:`nidl_dino.features.write_subject_tables`.
         participants: the participants table (``participant_id`` plus phenotypes), or None.
         sessions: the sessions.tsv rows (``participant_id``, ``session_id``, ...), or None.
 
     Returns:
-        The cohort table, in QC-table order; features are empty (NaN) for excluded scans.
+        The cohort table, in QC-table order; ``model_id`` and the features are empty (NaN) for
+        scans without a feature table (excluded scans).
     """
-    from nidl_dino.participants import merge_participants
+    return pd.concat(
+        list(iter_cohort_chunks(qc, feature_tables, participants, sessions)), ignore_index=True
+    )
 
-    ids = ["participant_id", "session_id"]
-    base = qc[ids + ["scan_id", "status", "reason"]].copy()
-    base["session_id"] = base["session_id"].fillna("").astype(str)
-    if participants is not None:
-        base = merge_participants(base, participants, sessions)
-    # One key per scan: a per-scan table is <scan_id>.tsv, so several runs of one session (or
-    # any two scans sharing participant and session) never multiply rows.
-    frames = [
-        pd.read_csv(p, sep="\t", dtype={"participant_id": str, "session_id": str})
-        .drop(columns=["participant_id", "session_id", "scan_id"], errors="ignore")
-        .assign(scan_id=Path(p).name.removesuffix(".tsv"))
-        for p in feature_tables
-    ]
-    if frames:
-        feats = pd.concat(frames, ignore_index=True)
-        if feats["scan_id"].duplicated().any():
-            raise ValueError(
-                f"two feature tables for one scan: {feats['scan_id'][feats['scan_id'].duplicated()].tolist()[:3]}"
+
+def write_cohort(
+    chunks: Iterator[pd.DataFrame], out_tsv: str | os.PathLike, out_parquet: str | os.PathLike
+) -> int:
+    """Stream cohort chunks into a TSV and a Parquet file (each renamed into place at the end).
+
+    Returns:
+        The number of rows written.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_tsv, out_parquet = Path(out_tsv), Path(out_parquet)
+    for path in (out_tsv, out_parquet):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_tsv = out_tsv.with_name(f".{out_tsv.name}.tmp-{os.getpid()}")
+    tmp_parquet = out_parquet.with_name(f".{out_parquet.name}.tmp-{os.getpid()}")
+    writer = None
+    schema = None
+    rows = 0
+    try:
+        with open(tmp_tsv, "w", encoding="utf-8", newline="") as tsv:
+            for chunk in chunks:
+                chunk.to_csv(tsv, sep="\t", index=False, header=rows == 0, na_rep="n/a")
+                if schema is None:
+                    schema = _arrow_schema(chunk)
+                    writer = pq.ParquetWriter(tmp_parquet, schema)
+                writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
+                rows += len(chunk)
+        if writer is not None:
+            writer.close()
+            writer = None
+        os.replace(tmp_tsv, out_tsv)
+        os.replace(tmp_parquet, out_parquet)
+    finally:
+        if writer is not None:
+            writer.close()
+        for tmp in (tmp_tsv, tmp_parquet):
+            tmp.unlink(missing_ok=True)
+    return rows
+
+
+def _arrow_schema(chunk: pd.DataFrame):
+    """Column types fixed from the first chunk: ids and text as strings, features as float64."""
+    import pyarrow as pa
+
+    fields = []
+    for name in chunk.columns:
+        if name.startswith(FEATURE_PREFIX):
+            fields.append(pa.field(name, pa.float64()))
+        elif pd.api.types.is_bool_dtype(chunk[name]):
+            fields.append(pa.field(name, pa.bool_()))
+        elif pd.api.types.is_numeric_dtype(chunk[name]):
+            fields.append(
+                pa.field(
+                    name, pa.float64() if pd.api.types.is_float_dtype(chunk[name]) else pa.int64()
+                )
             )
-        base = base.merge(feats, on="scan_id", how="left", validate="one_to_one")
-    return base
+        else:
+            fields.append(pa.field(name, pa.string()))
+    return pa.schema(fields)
 
 
 def build_cohort(
@@ -87,11 +218,14 @@ def build_cohort(
     inputs_config: Mapping[str, Any],
     out_tsv: str | os.PathLike,
     out_parquet: str | os.PathLike,
-) -> pd.DataFrame:
-    """Write ``features/cohort.tsv`` and ``.parquet``: one row per input scan.
+) -> int:
+    """Write ``features/cohort.tsv`` and ``.parquet``: one row per input scan, streamed.
 
-    Columns: participant_id, session_id, status, reason, the participants.tsv (and
+    Columns: participant_id, session_id, scan_id, status, reason, the participants.tsv (and
     sessions.tsv) columns, model_id and the features (empty for excluded scans).
+
+    Returns:
+        The number of rows (input scans).
     """
     from nidl_dino.inputs import participants_tsv_path
     from nidl_dino.participants import read_participants, read_sessions
@@ -109,7 +243,5 @@ def build_cohort(
     if participants is not None and bids_dir:
         sessions = read_sessions(bids_dir, participants["participant_id"])
         sessions = sessions if len(sessions) else None
-    table = cohort_table(qc, tables, participants, sessions)
-    write_table_atomic(table, out_tsv)
-    write_table_atomic(table, out_parquet)
-    return table
+    chunks = iter_cohort_chunks(qc, tables, participants, sessions)
+    return write_cohort(chunks, out_tsv, out_parquet)

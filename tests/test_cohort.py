@@ -88,3 +88,36 @@ def test_feature_tables_for_the_same_scan_twice_are_refused(tmp_path):
     second = _table(tmp_path / "a", "sub-01", "sub-01", "", [2.0])
     with pytest.raises(ValueError, match="two feature tables"):
         cohort_table(qc, [first, second])
+
+
+def test_streamed_files_hold_the_same_rows_as_the_table_in_memory(tmp_path):
+    from nidl_dino.cohort import iter_cohort_chunks, write_cohort
+
+    n = 23
+    rows, tables = [], []
+    for i in range(n):
+        scan = f"sub-{i:02d}"
+        ok = i % 5 != 3
+        rows.append([scan, "", scan, "ok" if ok else "excluded", "" if ok else "bad", float(i)])
+        if ok:
+            tables.append(_table(tmp_path, scan, scan, "", [i + 0.5, -i, i * 1e-7]))
+    qc = _qc(rows)
+    participants = pd.DataFrame(
+        {"participant_id": [f"sub-{i:02d}" for i in range(n)], "sex": ["F", "M"] * 11 + ["F"]}
+    )
+    expected = cohort_table(qc, tables, participants)
+    # chunks of 4: the features of scans in later chunks, excluded scans inside chunks
+    chunks = iter_cohort_chunks(qc, tables, participants, chunk_rows=4)
+    assert write_cohort(chunks, tmp_path / "c.tsv", tmp_path / "c.parquet") == n
+    parquet = pd.read_parquet(tmp_path / "c.parquet")
+    tsv = pd.read_csv(tmp_path / "c.tsv", sep="\t", keep_default_na=False, na_values=["n/a"])
+    for table in (parquet, tsv):
+        assert list(table.columns) == list(expected.columns)
+        assert list(table["scan_id"]) == list(qc["scan_id"])
+        features = [c for c in table.columns if c.startswith("feature_")]
+        pd.testing.assert_frame_equal(
+            table[features].astype(float), expected[features].astype(float), rtol=0, atol=0
+        )
+        assert table["feature_0000"].iloc[0] == 0.5 and pd.isna(table["feature_0000"].iloc[3])
+        assert list(table["sex"].astype(str)) == list(participants["sex"])
+    assert not list(tmp_path.glob(".*tmp*"))  # temporary files renamed or removed
