@@ -3,16 +3,17 @@
 The page holds, in order: a header (run date, model id, scans kept and excluded, training
 summary, key configuration values), the probe table, a predicted-versus-true scatter of every
 regression target (age), a 2D PCA embedding of the features coloured by age and by site, the
-training curves, the excluded scans with their reasons, the QC measures, and a montage of every
-scan's QC picture.
+training curves, the excluded scans with their reasons, the QC measures, and the QC pictures of
+the excluded scans and of a fixed sample of the others; the QC picture of every scan is on
+separate montage pages (``montage/page-NNN.html``) that the page links to, so the page stays
+under 10 MB at any cohort size.
 
 Everything is inline: CSS in a ``<style>`` element, every picture a base64 PNG ``data:`` URI, no
 JavaScript and no reference outside the file, so the page can be mailed or archived as is.
 Figures are drawn with :class:`matplotlib.figure.Figure` (no pyplot state). QC pictures are
 shrunk by area averaging to :data:`THUMBNAIL_WIDTH` pixels and posterised to
 :data:`THUMBNAIL_LEVELS` levels per channel, which roughly halves their PNG size with no visible
-loss; a montage tile costs about 20 kB of the page (base64 included), so the report of 200 scans
-weighs about 4 MB and takes about 10 s to write on one CPU core.
+loss; a tile costs about 20 kB of the page (base64 included).
 
 Inputs other than the QC table are optional: a missing one (``None`` or a file that does not
 exist, e.g. no probe table when probes are off) becomes a note in its section.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import html
 import io
 import json
@@ -58,6 +60,14 @@ DINO = "dino"
 THUMBNAIL_WIDTH = 360
 #: Intensity levels per colour channel kept in the thumbnails (fewer levels, smaller PNGs).
 THUMBNAIL_LEVELS = 32
+#: Inline QC thumbnails on the page, whatever the cohort size (each costs about 20 kB): every
+#: excluded scan up to this many, then a sample of the scans that passed QC.
+MAX_EXCLUDED_TILES = 150
+SAMPLE_OK_TILES = 48
+#: Tiles per page of the full montage (``montage/page-NNN.html``, linked pictures, not inline).
+MONTAGE_PAGE_TILES = 500
+#: QC measures listed on the page up to this many scans (beyond: qc.tsv holds them).
+MAX_MEASURE_ROWS = 1000
 #: Metrics for which a lower value is better (all others: higher is better).
 LOWER_IS_BETTER = frozenset({"mae"})
 #: (label, dotted config key) shown in the header when a config is given and has the key.
@@ -144,8 +154,15 @@ def write_report(
     training_summary_json: str | os.PathLike | None = None,
     config: Mapping[str, Any] | None = None,
     title: str = "nidl-dino report",
+    montage_dir: str | os.PathLike | None = None,
 ) -> None:
     """Write the run's report as one self-contained HTML file (atomically).
+
+    The page stays under 10 MB at any cohort size: it shows the QC pictures of the excluded scans
+    (at most :data:`MAX_EXCLUDED_TILES`) and of a fixed sample of the others
+    (:data:`SAMPLE_OK_TILES`); every scan's picture is on the montage pages written to
+    ``montage_dir`` (:data:`MONTAGE_PAGE_TILES` per page, pictures linked, not embedded), which
+    the page links to.
 
     Args:
         out_html: Destination ``.html`` file; parent folders are created.
@@ -163,6 +180,8 @@ def write_report(
             ``final_loss``...).
         config: The run's configuration; its key values are listed in the header.
         title: Page title.
+        montage_dir: Folder for the full montage pages (created; emptied of old pages); None
+            writes none.
 
     Raises:
         UserError: The QC table is missing, or an input lacks the columns it must have.
@@ -183,7 +202,7 @@ def write_report(
         ("embedding", "Feature embedding", _embedding_section(cohort, cohort_note)),
         ("training", "Training curves", _curves_section(curves_png)),
         ("excluded", "Excluded scans", _excluded_section(qc)),
-        ("qc", "QC montage", _montage_section(qc, qc_pngs)),
+        ("qc", "QC montage", _montage_section(qc, qc_pngs, out_html, montage_dir)),
     ]
     nav = "".join(f'<a href="#{key}">{html.escape(name)}</a>' for key, name, _ in sections)
     body = "\n".join(
@@ -202,12 +221,7 @@ def write_report(
     )
     out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_text_atomic(out, page)
     log.info("report: %s (%.1f MB)", out, len(page) / 1e6)
 
 
@@ -720,6 +734,11 @@ def _qc_measures(qc: pd.DataFrame) -> str:
     ]
     if not columns:
         return ""
+    if len(qc) > MAX_MEASURE_ROWS:
+        return _note(
+            f"The QC measures of the {len(qc)} scans are in qc/qc.tsv (the page lists them up "
+            f"to {MAX_MEASURE_ROWS} scans)."
+        )
     head = "".join(f"<th>{html.escape(c.removeprefix('metrics.'))}</th>" for c in columns)
     body = []
     for record in qc[["scan_id", "status", *columns]].itertuples(index=False):
@@ -732,7 +751,35 @@ def _qc_measures(qc: pd.DataFrame) -> str:
     )
 
 
-def _montage_section(qc: pd.DataFrame, qc_pngs: Mapping[str, str | os.PathLike]) -> str:
+def _tile(scan: str, status: str, reason: str, picture: str) -> str:
+    reason_html = f'<span class="reason">{html.escape(reason)}</span>' if reason else ""
+    return (
+        f'<figure class="{"ok" if status == "ok" else "excluded"}" id="qc-{html.escape(scan)}">'
+        f"{picture}<figcaption>{html.escape(scan)} · "
+        f'<span class="status-{html.escape(status)}">{html.escape(status)}</span>'
+        f"{reason_html}</figcaption></figure>"
+    )
+
+
+def shown_scans(qc: pd.DataFrame) -> list[int]:
+    """Rows of ``qc`` whose picture the page embeds, in QC-table order: the excluded scans
+    (capped) and a sample of the others, fixed by the scan ids (a hash: reruns show the same)."""
+    excluded = [i for i, s in enumerate(qc["status"]) if str(s) != "ok"][:MAX_EXCLUDED_TILES]
+    ok = [i for i, s in enumerate(qc["status"]) if str(s) == "ok"]
+    if len(ok) > SAMPLE_OK_TILES:
+        keyed = sorted(
+            ok, key=lambda i: hashlib.sha256(str(qc["scan_id"].iloc[i]).encode()).digest()
+        )
+        ok = sorted(keyed[:SAMPLE_OK_TILES])
+    return sorted(excluded + ok)
+
+
+def _montage_section(
+    qc: pd.DataFrame,
+    qc_pngs: Mapping[str, str | os.PathLike],
+    out_html: str | os.PathLike,
+    montage_dir: str | os.PathLike | None,
+) -> str:
     known = set(qc["scan_id"])
     extra = [s for s in qc_pngs if s not in known]
     if extra:
@@ -741,29 +788,108 @@ def _montage_section(qc: pd.DataFrame, qc_pngs: Mapping[str, str | os.PathLike])
             len(extra),
             extra[0],
         )
+    rows = shown_scans(qc)
     tiles = []
-    for record in qc.itertuples(index=False):
-        scan, status = str(record.scan_id), str(record.status)
+    for i in rows:
+        record = qc.iloc[i]
+        scan, status = str(record["scan_id"]), str(record["status"])
         path = qc_pngs.get(scan)
         if path is not None and Path(path).is_file():
             picture = f'<img alt="QC of {html.escape(scan)}" src="{_png_uri(_thumbnail(path))}">'
         else:
             picture = '<div class="missing">no QC picture</div>'
-        reason = str(record.reason) if status != "ok" else ""
-        reason_html = f'<span class="reason">{html.escape(reason)}</span>' if reason else ""
-        tiles.append(
-            f'<figure class="{"ok" if status == "ok" else "excluded"}" id="qc-{html.escape(scan)}">'
-            f"{picture}<figcaption>{html.escape(scan)} · "
-            f'<span class="status-{html.escape(status)}">{html.escape(status)}</span>'
-            f"{reason_html}</figcaption></figure>"
+        tiles.append(_tile(scan, status, str(record["reason"]) if status != "ok" else "", picture))
+    n_excluded = int((qc["status"] != "ok").sum())
+    if len(rows) == len(qc):
+        caption = (
+            "Three orthogonal slices of every preprocessed scan with the template brain outline "
+            "(red), in QC-table order; excluded scans are framed in red with their reason."
         )
-    caption = (
-        "Three orthogonal slices of every preprocessed scan with the template brain outline "
-        "(red), in QC-table order; excluded scans are framed in red with their reason."
-    )
+    else:
+        caption = (
+            f"Three orthogonal slices with the template brain outline (red): "
+            f"in QC-table order, {min(n_excluded, MAX_EXCLUDED_TILES)} of the {n_excluded} excluded scans (framed "
+            f"in red with their reason), then a sample of {len(rows) - min(n_excluded, MAX_EXCLUDED_TILES)} "
+            f"of the {len(qc) - n_excluded} scans that passed QC. Every scan is on the montage pages."
+        )
+    links = ""
+    if montage_dir is not None:
+        pages = write_montage_pages(qc, qc_pngs, montage_dir)
+        base = Path(out_html).resolve().parent
+        hrefs = [os.path.relpath(Path(page).resolve(), base) for page in pages]
+        links = (
+            '<p class="montage-pages">All scans: '
+            + " · ".join(
+                f'<a href="{html.escape(h)}">page {k + 1}</a>' for k, h in enumerate(hrefs)
+            )
+            + "</p>"
+        )
     return (
-        f'<p class="caption">{html.escape(caption)}</p><div class="montage">{"".join(tiles)}</div>'
+        f'<p class="caption">{html.escape(caption)}</p>{links}'
+        f'<div class="montage">{"".join(tiles)}</div>'
     )
+
+
+def write_montage_pages(
+    qc: pd.DataFrame,
+    qc_pngs: Mapping[str, str | os.PathLike],
+    montage_dir: str | os.PathLike,
+) -> list[Path]:
+    """The QC picture of every scan, :data:`MONTAGE_PAGE_TILES` per HTML page.
+
+    Pictures are linked by relative path (lazy-loaded), not embedded: a page weighs a few
+    hundred kB at any cohort size, and the output folder must stay together to show them.
+
+    Returns:
+        The pages written (``page-001.html`` ...), in QC-table order.
+    """
+    folder = Path(montage_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("page-*.html"):
+        old.unlink()
+    n_pages = max(1, -(-len(qc) // MONTAGE_PAGE_TILES))
+    pages = []
+    for k in range(n_pages):
+        part = qc.iloc[k * MONTAGE_PAGE_TILES : (k + 1) * MONTAGE_PAGE_TILES]
+        tiles = []
+        for record in part.itertuples(index=False):
+            scan, status = str(record.scan_id), str(record.status)
+            path = qc_pngs.get(scan)
+            if path is not None:
+                href = os.path.relpath(Path(path).resolve(), folder.resolve())
+                picture = (
+                    f'<img alt="QC of {html.escape(scan)}" loading="lazy" '
+                    f'src="{html.escape(href)}">'
+                )
+            else:
+                picture = '<div class="missing">no QC picture</div>'
+            reason = str(record.reason) if status != "ok" else ""
+            tiles.append(_tile(scan, status, reason, picture))
+        nav = " · ".join(
+            f'<a href="page-{j + 1:03d}.html">{j + 1}</a>' if j != k else f"<b>{j + 1}</b>"
+            for j in range(n_pages)
+        )
+        page = (
+            '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            '<link rel="icon" href="data:,">\n'
+            f"<title>QC montage, page {k + 1} of {n_pages}</title>\n<style>{_CSS}</style>\n"
+            f"</head>\n<body>\n<main>\n<h1>QC montage, page {k + 1} of {n_pages}</h1>\n"
+            f'<nav>{nav}</nav>\n<div class="montage">{"".join(tiles)}</div>\n'
+            "</main>\n</body>\n</html>\n"
+        )
+        path = folder / f"page-{k + 1:03d}.html"
+        _write_text_atomic(path, page)
+        pages.append(path)
+    return pages
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- pictures and small pieces

@@ -486,3 +486,63 @@ def test_small_cohort_is_flagged_as_too_small_to_judge(report):
     text = out.read_text()
     assert 'id="too-small"' in text
     assert f"{n} usable scans" in text and "too small to judge" in text
+
+
+def test_page_stays_small_and_montage_pages_hold_every_scan(tmp_path):
+    import matplotlib.image
+
+    from nidl_dino import report as rep
+
+    picture = tmp_path / "qc.png"
+    matplotlib.image.imsave(picture, np.random.default_rng(0).random((300, 900, 3)))
+    n_ok, n_bad = 1200, 170
+    ids = [f"sub-{i:05d}" for i in range(n_ok + n_bad)]
+    qc = pd.DataFrame(
+        {
+            "participant_id": ids,
+            "session_id": "",
+            "status": ["ok"] * n_ok + ["excluded"] * n_bad,
+            "reason": [""] * n_ok + ["registration failed"] * n_bad,
+            "scan_id": ids,
+            "metrics.snr": 1.0,
+        }
+    )
+    qc.to_csv(tmp_path / "qc.tsv", sep="\t", index=False)
+    pngs = {scan: picture for scan in ids}
+    out = tmp_path / "report" / "report.html"
+    write_report(
+        out, qc_tsv=tmp_path / "qc.tsv", qc_pngs=pngs, montage_dir=tmp_path / "report/montage"
+    )
+    text = out.read_text()
+    tiles = text.count("<figure class=")
+    assert tiles == rep.MAX_EXCLUDED_TILES + rep.SAMPLE_OK_TILES
+    assert text.count('<figure class="excluded"') == rep.MAX_EXCLUDED_TILES
+    # the same sample on a rerun
+    write_report(
+        out, qc_tsv=tmp_path / "qc.tsv", qc_pngs=pngs, montage_dir=tmp_path / "report/montage"
+    )
+    assert out.read_text().count("<figure") == tiles
+    assert re.findall(r'id="qc-(sub-\d+)"', text) == re.findall(
+        r'id="qc-(sub-\d+)"', out.read_text()
+    )
+    pages = sorted((tmp_path / "report/montage").glob("page-*.html"))
+    expected_pages = -(-(n_ok + n_bad) // rep.MONTAGE_PAGE_TILES)
+    assert len(pages) == expected_pages
+    listed = []
+    for page in pages:
+        body = page.read_text()
+        for src in re.findall(r'<img alt="QC of [^"]+" loading="lazy" src="([^"]+)"', body):
+            assert (page.parent / src).resolve() == picture.resolve()
+        listed += re.findall(r'id="qc-(sub-\d+)"', body)
+        assert page.stat().st_size < 1e6
+    assert listed == ids
+    # the page links every montage page, relative to itself
+    for page in pages:
+        assert f'href="montage/{page.name}"' in text
+
+
+def test_page_size_is_bounded_whatever_the_cohort(tmp_path):
+    # every inline tile costs about 20 kB: the cap, not the cohort, sets the size
+    from nidl_dino import report as rep
+
+    assert (rep.MAX_EXCLUDED_TILES + rep.SAMPLE_OK_TILES) * 25_000 < 6e6

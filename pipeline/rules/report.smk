@@ -1,5 +1,6 @@
-# One self-contained HTML page: probe table, predicted-vs-true age, feature embedding, training
-# curves, excluded scans with reasons and the QC montage of every scan.
+# One self-contained HTML page (under 10 MB at any cohort size): probe table, predicted-vs-true age,
+# feature embedding, training curves, excluded scans with reasons and their QC pictures, a sample
+# of the others; the QC picture of every scan is on the montage pages it links to.
 
 
 rule report:
@@ -12,7 +13,8 @@ rule report:
         predictions=f"{OUT}/probes/predictions.tsv",
         cohort=f"{OUT}/features/cohort.parquet",
     output:
-        f"{OUT}/report/report.html",
+        html=f"{OUT}/report/report.html",
+        montage=directory(f"{OUT}/report/montage"),
     log:
         f"{OUT}/logs/report.log",
     conda:

@@ -14,7 +14,7 @@ with job(snakemake.log[0], "report"):  # noqa: F821
         if picture.exists():
             pngs[folder.name] = picture
     write_report(
-        snakemake.output[0],  # noqa: F821
+        snakemake.output.html,  # noqa: F821
         qc_tsv=snakemake.input.qc,  # noqa: F821
         qc_pngs=pngs,
         curves_png=snakemake.input.curves,  # noqa: F821
@@ -23,4 +23,5 @@ with job(snakemake.log[0], "report"):  # noqa: F821
         cohort_parquet=snakemake.input.cohort,  # noqa: F821
         training_summary_json=snakemake.input.summary,  # noqa: F821
         config=snakemake.params.config,  # noqa: F821
+        montage_dir=snakemake.output.montage,  # noqa: F821
     )
