@@ -17,20 +17,38 @@ configfile: os.path.join(workflow.basedir, "config.yaml")
 sys.path.insert(0, workflow.basedir)
 from nidl_dino.errors import UserError
 from nidl_dino.inputs import scan_id_wildcard_constraint
-from nidl_dino.workflow import check_config, discover, ensure_demo_data, fail
+from nidl_dino.workflow import (
+    check_config,
+    discover,
+    ensure_demo_data,
+    fail,
+    write_scan_cache,
+)
 
 SCHEMA = f"{workflow.basedir}/pipeline/schemas/config.schema.yaml"
 try:
     check_config(config, SCHEMA)  # one-line messages for the user
     validate(config, SCHEMA)  # fills the schema's defaults
     ensure_demo_data(config)
-    SCANS = discover(config)
+    # a cluster job re-reads this file for its one job: it reads the cached scan list
+    SCANS = discover(config, reuse_cache=workflow.remote_exec)
 except UserError as err:
     fail(str(err))
 
 OUT = config["output_dir"]
 SCAN_IDS = list(SCANS["scan_id"])
 SCAN_PATHS = dict(zip(SCANS["scan_id"], SCANS["path"]))
+# built once: per-job lookups stay O(1), so the DAG grows linearly with the cohort
+SCAN_IDS_OF = {
+    row.scan_id: {"participant_id": row.participant_id, "session_id": row.session_id}
+    for row in SCANS[["scan_id", "participant_id", "session_id"]].itertuples(
+        index=False
+    )
+}
+
+
+onstart:
+    write_scan_cache(config, SCANS)
 
 
 wildcard_constraints:

@@ -6,6 +6,8 @@ key or file and the fix; the Snakefile prints that line and exits with status 2,
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -187,10 +189,36 @@ def ensure_demo_data(config: Mapping[str, Any]) -> bool:
     return True
 
 
-def discover(config: Mapping[str, Any]):
-    """The scans to process (see :func:`nidl_dino.inputs.discover_scans`), checked for use."""
+def scan_cache_path(config: Mapping[str, Any]) -> Path:
+    """Where the scan list of this configuration is cached, below ``output_dir``.
+
+    The name is a hash of everything discovery depends on (``bids_dir`` and the ``inputs``
+    section), so another selection of scans never reads this one's list.
+    """
+    key = json.dumps(
+        {"bids_dir": str(config.get("bids_dir")), "inputs": config.get("inputs")},
+        sort_keys=True,
+        default=str,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(str(config.get("output_dir", "results"))) / ".cache" / f"scans-{digest}.tsv"
+
+
+def discover(config: Mapping[str, Any], reuse_cache: bool = False):
+    """The scans to process (see :func:`nidl_dino.inputs.discover_scans`), checked for use.
+
+    The main Snakemake process walks the BIDS tree (new subjects are found), and caches the list
+    when the run starts (:func:`write_scan_cache`, from the Snakefile's ``onstart``: a dry run
+    writes nothing); with ``reuse_cache`` (a cluster job, which re-reads the Snakefile for its one
+    job) the cached list is read instead, so N jobs do not walk the tree N times.
+    """
+    import pandas as pd
+
     from nidl_dino.inputs import discover_scans
 
+    cache = scan_cache_path(config)
+    if reuse_cache and cache.is_file():
+        return pd.read_csv(cache, sep="\t", dtype=str, keep_default_na=False)
     scans = discover_scans(config)
     output_dir = Path(str(config.get("output_dir", "results"))).resolve()
     bids_dir = config.get("bids_dir")
@@ -216,6 +244,18 @@ def discover(config: Mapping[str, Any]):
                 file=sys.stderr,
             )
     return scans
+
+
+def write_scan_cache(config: Mapping[str, Any], scans) -> None:
+    """Cache the scan list for the cluster jobs of this run (rewritten only when it changed)."""
+    path = scan_cache_path(config)
+    text = scans.to_csv(sep="\t", index=False)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def load_yaml(path: str | os.PathLike) -> dict:

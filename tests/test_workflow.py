@@ -260,3 +260,48 @@ def test_coerce_to_schema_by_hand():
         "flag": None,
         "free": {"a": 1.5, "b": "x"},
     }
+
+
+def test_cluster_jobs_read_the_cached_scan_list_instead_of_the_tree(tmp_path):
+    import shutil as _shutil
+
+    from nidl_dino.workflow import discover, scan_cache_path, write_scan_cache
+
+    bids = tiny_bids(tmp_path / "bids", subjects=("01", "02", "03"))
+    config = {"bids_dir": str(bids), "output_dir": str(tmp_path / "out"), "inputs": {}}
+    scans = discover(config)
+    assert not scan_cache_path(config).exists()  # discovering writes nothing
+    write_scan_cache(config, scans)
+    cached = scan_cache_path(config)
+    mtime = cached.stat().st_mtime_ns
+    write_scan_cache(config, scans)  # unchanged: not rewritten
+    assert cached.stat().st_mtime_ns == mtime
+    _shutil.rmtree(bids / "sub-03")
+    assert list(discover(config, reuse_cache=True)["scan_id"]) == ["sub-01", "sub-02", "sub-03"]
+    assert list(discover(config)["scan_id"]) == ["sub-01", "sub-02"]
+    # another selection of scans has its own cache
+    other = {**config, "inputs": {"exclude_subjects": ["01"]}}
+    assert scan_cache_path(other) != cached
+
+
+def test_a_dry_run_writes_nothing_a_run_writes_the_scan_cache(tmp_path, bids):
+    res = snakemake(
+        tmp_path, "-n", "--cores", "1", "--config", f"bids_dir={bids}", "output_dir=out"
+    )
+    assert res.returncode == 0, res.stderr
+    assert not (tmp_path / "out").exists()
+    # a real run of one cheap target: onstart caches the list for the cluster jobs
+    res = snakemake(
+        tmp_path,
+        "out/preproc/sub-01",
+        "--cores",
+        "1",
+        "--config",
+        f"bids_dir={bids}",
+        "output_dir=out",
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    cached = list((tmp_path / "out/.cache").glob("scans-*.tsv"))
+    assert len(cached) == 1
+    assert "sub-03" in cached[0].read_text()

@@ -17,9 +17,7 @@ rule preprocess:
         runtime=config["resources"]["preprocess"]["runtime"],
     params:
         config=config["preprocessing"],
-        ids=lambda wc: SCANS.set_index("scan_id")
-        .loc[wc.scan, ["participant_id", "session_id"]]
-        .to_dict(),
+        ids=lambda wc: SCAN_IDS_OF[wc.scan],
     script:
         "../scripts/preprocess.py"
 
