@@ -131,30 +131,30 @@ def test_profiles_name_valid_options():
 
     parser = get_argument_parser()
     known = {opt.lstrip("-") for action in parser._actions for opt in action.option_strings}
+    # the SLURM plugin's own options (slurm-status-command, ...) when it is installed
+    plugin = pytest.importorskip("snakemake_executor_plugin_slurm")
+    known |= {"slurm-" + f.replace("_", "-") for f in plugin.ExecutorSettings.__dataclass_fields__}
     for name in ("local", "slurm"):
         for key in _profile(name):
             assert key in known, f"profiles/{name}: unknown option {key}"
     slurm = _profile("slurm")
     assert slurm["executor"] == "slurm"
-    resource_names = {
-        "gpu",
-        "tasks_per_gpu",
-        "cpus_per_task",
-        "mem_mb",
-        "runtime",
-        "slurm_partition",
-        "slurm_account",
-        "slurm_extra",
-        "constraint",
-        "qos",
-        "gres",
-        "gpu_model",
-    }
+    assert slurm["slurm-status-command"] == "squeue"  # sacct hangs without slurmdbd / on scancel
+    # Only what differs between clusters: partitions and account. Sizes come from config.yaml's
+    # resources through the rules, so a command-line override of the profile's block loses none.
+    assert set(slurm["default-resources"]) <= {"slurm_partition", "slurm_account", "runtime"}
+    assert set(slurm["set-resources"]) == {"train", "extract"}
     for rule, resources in slurm["set-resources"].items():
-        assert set(resources) <= resource_names, rule
-    assert slurm["set-resources"]["train"]["gpu"] == 1
-    assert slurm["set-resources"]["extract"]["gpu"] == 1
-    assert set(slurm["default-resources"]) <= resource_names
+        assert set(resources) <= {"slurm_partition", "slurm_account"}, rule
+    assert "set-threads" not in slurm
+
+
+def _resources_of(rule: str, stdout: str) -> dict:
+    """Resources of ``rule``'s job in a ``snakemake -n -p`` listing ("resources: a=1, b=x")."""
+    block = stdout[stdout.index(f"rule {rule}:") :]
+    line = next(ln for ln in block.splitlines() if ln.strip().startswith("resources:"))
+    pairs = (item.split("=", 1) for item in line.split(":", 1)[1].split(", "))
+    return {k.strip(): v.strip() for k, v in pairs}
 
 
 def test_slurm_profile_dry_run_through_the_plugin(tmp_path, bids):
@@ -171,6 +171,35 @@ def test_slurm_profile_dry_run_through_the_plugin(tmp_path, bids):
     )
     assert res.returncode == 0, res.stderr
     assert _jobs(res.stdout)["train"] == 1
+    train = _resources_of("train", res.stdout)
+    assert train["slurm_partition"] == "gpu" and train["gpu"] == "1"
+    assert train["mem_mb"] == "16000" and train["tasks_per_gpu"] == "0"
+
+
+def test_slurm_profile_overrides_keep_the_other_resources(tmp_path, bids):
+    """One size changed with --config, the partitions with the documented flags: nothing lost."""
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    res = snakemake(
+        tmp_path,
+        "-n",
+        "--profile",
+        str(REPO / "profiles/slurm"),
+        "--config",
+        f"bids_dir={bids}",
+        "output_dir=o",
+        'resources={"train": {"mem_mb": 3000}}',
+        "--default-resources",
+        "slurm_partition=debug",
+        "--set-resources",
+        "train:slurm_partition=gpu2",
+        "extract:slurm_partition=gpu2",
+    )
+    assert res.returncode == 0, res.stderr
+    train = _resources_of("train", res.stdout)
+    assert train["mem_mb"] == "3000" and train["gpu"] == "1" and train["runtime"] == "720"
+    assert train["slurm_partition"] == "gpu2"
+    assert _resources_of("extract", res.stdout)["mem_mb"] == "8000"
+    assert _resources_of("preprocess", res.stdout)["slurm_partition"] == "debug"
 
 
 def test_local_profile_dry_runs_without_conda(tmp_path, bids):

@@ -13,11 +13,17 @@ rule extract:
         f"{OUT}/logs/extract.log",
     conda:
         "../../envs/dino.yaml"
-    threads: max(1, config["extract"]["num_workers"])
+    threads:
+        max(
+            1,
+            config["extract"]["num_workers"],
+            config["resources"]["extract"].get("threads", 1),
+        )
     resources:
         gpu=config["resources"]["extract"]["gpu"],
         mem_mb=config["resources"]["extract"]["mem_mb"],
         runtime=config["resources"]["extract"]["runtime"],
+        tasks_per_gpu=0,  # one process (see rule train)
     params:
         scans=SCANS[["scan_id", "participant_id", "session_id"]].to_dict("records"),
         config=lambda wc: {**config["extract"], "trainer": config["trainer"]},

@@ -22,6 +22,9 @@ rule train:
         gpu=config["resources"]["train"]["gpu"],
         mem_mb=config["resources"]["train"]["mem_mb"],
         runtime=config["resources"]["train"]["runtime"],
+        # one process sees the node's GPUs (the SLURM plugin < 2.7.1 otherwise adds
+        # --ntasks-per-gpu=1); the CPUs per task are the threads above
+        tasks_per_gpu=0,
     params:
         work=f"{OUT}/model/work",
         config=lambda wc: {
