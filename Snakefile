@@ -22,6 +22,7 @@ from nidl_dino.workflow import (
     discover,
     ensure_demo_data,
     fail,
+    preprocess_batches,
     write_scan_cache,
 )
 
@@ -46,6 +47,11 @@ SCAN_IDS_OF = {
     )
 }
 
+# Preprocessing runs in batches of scans (one job each, see pipeline/rules/preprocess.smk).
+BATCHES = preprocess_batches(
+    SCAN_IDS, config["resources"]["preprocess"]["scans_per_job"]
+)
+
 
 onstart:
     write_scan_cache(config, SCANS)
@@ -53,6 +59,7 @@ onstart:
 
 wildcard_constraints:
     scan=scan_id_wildcard_constraint(),
+    batch=r"batch-\d+",
 
 
 include: "pipeline/rules/preprocess.smk"

@@ -246,6 +246,22 @@ def discover(config: Mapping[str, Any], reuse_cache: bool = False):
     return scans
 
 
+def preprocess_batches(scan_ids: list[str], scans_per_job: int) -> dict[str, list[str]]:
+    """Consecutive groups of at most ``scans_per_job`` scans: ``batch-0001`` -> scan ids.
+
+    Preprocessing runs one job per batch (:func:`nidl_dino.jobs.preprocess_batch`), which skips
+    the scans it finished before, so regrouping after new subjects costs no recomputation.
+    """
+    size = max(1, int(scans_per_job))
+    n = max(1, -(-len(scan_ids) // size))
+    width = max(4, len(str(n)))
+    return {
+        f"batch-{k + 1:0{width}d}": list(scan_ids[k * size : (k + 1) * size])
+        for k in range(n)
+        if scan_ids[k * size : (k + 1) * size]
+    }
+
+
 def write_scan_cache(config: Mapping[str, Any], scans) -> None:
     """Cache the scan list for the cluster jobs of this run (rewritten only when it changed)."""
     path = scan_cache_path(config)

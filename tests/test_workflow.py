@@ -33,7 +33,7 @@ def test_dry_run_dag_without_sessions(tmp_path, bids):
     assert res.returncode == 0, res.stderr
     jobs = _jobs(res.stdout)
     assert jobs == {
-        "preprocess": 3,
+        "preprocess": 1,  # one batch of 3 scans
         "qc_table": 1,
         "train": 1,
         "extract": 1,
@@ -42,18 +42,40 @@ def test_dry_run_dag_without_sessions(tmp_path, bids):
         "report": 1,
         "all": 1,
     }
-    assert "out/preproc/sub-02" in res.stdout
+    assert "out/preproc/batches/batch-0001.tsv" in res.stdout
+    assert "sub-02_T1w.nii.gz" in res.stdout
     assert not (REPO / "out").exists()
+    # one scan per job
+    res = snakemake(
+        tmp_path,
+        "-n",
+        "--cores",
+        "1",
+        "--config",
+        f"bids_dir={bids}",
+        "output_dir=out",
+        "resources={'preprocess': {'scans_per_job': 2}}",
+    )
+    assert res.returncode == 0, res.stderr
+    assert _jobs(res.stdout)["preprocess"] == 2
 
 
 def test_dry_run_dag_with_sessions(tmp_path):
     bids = tiny_bids(tmp_path / "bids", subjects=("01", "02"), sessions=("1", "2"))
+    one_per_job = "resources={'preprocess': {'scans_per_job': 1}}"
     res = snakemake(
-        tmp_path, "-n", "--cores", "1", "--config", f"bids_dir={bids}", "output_dir=out"
+        tmp_path,
+        "-n",
+        "--cores",
+        "1",
+        "--config",
+        f"bids_dir={bids}",
+        "output_dir=out",
+        one_per_job,
     )
     assert res.returncode == 0, res.stderr
     assert _jobs(res.stdout)["preprocess"] == 4
-    assert "out/preproc/sub-02_ses-2" in res.stdout
+    assert "sub-02_ses-2_T1w.nii.gz" in res.stdout
     # a session filter from the command line
     res = snakemake(
         tmp_path,
@@ -64,6 +86,7 @@ def test_dry_run_dag_with_sessions(tmp_path):
         f"bids_dir={bids}",
         "output_dir=out",
         "inputs={'sessions': ['2']}",
+        one_per_job,
     )
     assert res.returncode == 0, res.stderr
     assert _jobs(res.stdout)["preprocess"] == 2
@@ -119,7 +142,7 @@ def test_user_configfile_overlay(tmp_path, bids):
     )
     res = snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(overlay))
     assert res.returncode == 0, res.stderr
-    assert "study/preproc/sub-01" in res.stdout
+    assert "study/preproc/batches/batch-0001.tsv" in res.stdout
 
 
 def _profile(name: str) -> dict:
@@ -234,7 +257,8 @@ def test_dry_run_on_the_shipped_demo_config_generates_the_demo(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "generating the synthetic demo cohort" in res.stderr
     assert (tmp_path / "demo_data/bids/participants.tsv").exists()
-    assert _jobs(res.stdout)["preprocess"] == 5
+    assert _jobs(res.stdout)["preprocess"] == 1
+    assert res.stdout.count("_T1w.nii.gz") >= 5
     again = snakemake(tmp_path, "-n", "--cores", "1", "--config", "demo={'n_subjects': 5}")
     assert "generating" not in again.stderr  # only on the first run
 
@@ -322,7 +346,7 @@ def test_a_dry_run_writes_nothing_a_run_writes_the_scan_cache(tmp_path, bids):
     # a real run of one cheap target: onstart caches the list for the cluster jobs
     res = snakemake(
         tmp_path,
-        "out/preproc/sub-01",
+        "out/preproc/batches/batch-0001.tsv",
         "--cores",
         "1",
         "--config",

@@ -6,7 +6,6 @@ rule extract:
     input:
         teacher=f"{OUT}/model/teacher.pt",
         qc=f"{OUT}/qc/qc.tsv",
-        volumes=expand(f"{OUT}/preproc/{{scan}}", scan=SCAN_IDS),
     output:
         manifest=f"{OUT}/features/manifest.tsv",
     log:
@@ -27,6 +26,6 @@ rule extract:
     params:
         scans=SCANS[["scan_id", "participant_id", "session_id"]].to_dict("records"),
         config=lambda wc: {**config["extract"], "trainer": config["trainer"]},
-        preproc_dir=lambda wc, input: os.path.dirname(input.volumes[0]),
+        preproc_dir=f"{OUT}/preproc",
     script:
         "../scripts/extract.py"

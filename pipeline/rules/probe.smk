@@ -7,7 +7,6 @@ rule probe:
         cohort=f"{OUT}/features/cohort.parquet",
         qc=f"{OUT}/qc/qc.tsv",
         teacher=f"{OUT}/model/teacher.pt",
-        volumes=expand(f"{OUT}/preproc/{{scan}}", scan=SCAN_IDS),
     output:
         scores=f"{OUT}/probes/scores.tsv",
         predictions=f"{OUT}/probes/predictions.tsv",
@@ -26,6 +25,6 @@ rule probe:
             # keep probes.seed.
             "encoder_seed": config["seed"],
         },
-        preproc_dir=lambda wc, input: os.path.dirname(input.volumes[0]),
+        preproc_dir=f"{OUT}/preproc",
     script:
         "../scripts/probe.py"

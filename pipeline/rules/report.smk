@@ -6,7 +6,6 @@
 rule report:
     input:
         qc=f"{OUT}/qc/qc.tsv",
-        volumes=expand(f"{OUT}/preproc/{{scan}}", scan=SCAN_IDS),
         curves=f"{OUT}/model/training_curves.png",
         summary=f"{OUT}/model/training_summary.json",
         scores=f"{OUT}/probes/scores.tsv",
@@ -20,6 +19,7 @@ rule report:
     conda:
         "../../envs/tables.yaml"
     params:
+        preproc_dir=f"{OUT}/preproc",
         config=lambda wc: {
             k: config[k]
             for k in (

@@ -6,7 +6,6 @@
 rule train:
     input:
         qc=f"{OUT}/qc/qc.tsv",
-        volumes=expand(f"{OUT}/preproc/{{scan}}", scan=SCAN_IDS),
     output:
         teacher=f"{OUT}/model/teacher.pt",
         curves=f"{OUT}/model/training_curves.png",
@@ -27,6 +26,7 @@ rule train:
         tasks_per_gpu=0,
     params:
         work=f"{OUT}/model/work",
+        preproc_dir=f"{OUT}/preproc",
         config=lambda wc: {
             k: config[k]
             for k in ("seed", "encoder", "views", "data", "dino", "trainer")

@@ -2,26 +2,28 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))  # noqa: F821
+sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))
 
-from nidl_dino.jobs import job  # noqa: E402
-from nidl_dino.report import write_report  # noqa: E402
+from nidl_dino.jobs import job
+from nidl_dino.report import write_report
+from nidl_dino.tables import read_qc_table
 
-with job(snakemake.log[0], "report"):  # noqa: F821
+with job(snakemake.log[0], "report"):
+    preproc = Path(snakemake.params.preproc_dir)
     pngs = {}
-    for folder in map(Path, snakemake.input.volumes):  # noqa: F821
-        picture = folder / f"{folder.name}_qc.png"
+    for scan in read_qc_table(snakemake.input.qc)["scan_id"]:
+        picture = preproc / scan / f"{scan}_qc.png"
         if picture.exists():
-            pngs[folder.name] = picture
+            pngs[scan] = picture
     write_report(
-        snakemake.output.html,  # noqa: F821
-        qc_tsv=snakemake.input.qc,  # noqa: F821
+        snakemake.output.html,
+        qc_tsv=snakemake.input.qc,
         qc_pngs=pngs,
-        curves_png=snakemake.input.curves,  # noqa: F821
-        probe_scores_tsv=snakemake.input.scores,  # noqa: F821
-        predictions_tsv=snakemake.input.predictions,  # noqa: F821
-        cohort_parquet=snakemake.input.cohort,  # noqa: F821
-        training_summary_json=snakemake.input.summary,  # noqa: F821
-        config=snakemake.params.config,  # noqa: F821
-        montage_dir=snakemake.output.montage,  # noqa: F821
+        curves_png=snakemake.input.curves,
+        probe_scores_tsv=snakemake.input.scores,
+        predictions_tsv=snakemake.input.predictions,
+        cohort_parquet=snakemake.input.cohort,
+        training_summary_json=snakemake.input.summary,
+        config=snakemake.params.config,
+        montage_dir=snakemake.output.montage,
     )
