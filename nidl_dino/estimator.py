@@ -31,6 +31,7 @@ _DEFAULT_LR_SCHEDULER_KWARGS = {
     "interval": "step",
 }
 _NUM_GLOBAL_VIEWS = 2
+_FULL_PRECISION = (torch.float32, torch.float64)
 
 
 class DINO(TransformerMixin, BaseEstimator):
@@ -395,7 +396,32 @@ class DINO(TransformerMixin, BaseEstimator):
         total = self._total_steps if self._total_steps is not None else self._estimate_steps()
         return cosine_schedule(step, total, self.base_lambda, self.final_lambda)
 
+    def _check_precision(self) -> None:
+        """Refuse precisions that make the teacher or the centre half precision.
+
+        ``16-true``/``bf16-true`` cast every parameter and buffer: the EMA step ``(1 - m) *
+        (student - teacher)`` then falls below half precision's resolution at m >= 0.996 and the
+        teacher stops moving. Mixed precisions keep them float32 (and the head's last layer and
+        the loss run in float32, see :class:`DINOProjectionHead` and :class:`DINOLoss`).
+
+        Raises:
+            ValueError: if a teacher parameter or the centre is not float32/float64.
+        """
+        tensors = [
+            *self.teacher.parameters(),
+            *self.teacher_head.parameters(),
+            self.loss.center,
+        ]
+        low = sorted({str(t.dtype) for t in tensors if t.dtype not in _FULL_PRECISION})
+        if low:
+            precision = getattr(self.trainer, "precision", "?")
+            raise ValueError(
+                f"DINO: precision {precision!r} makes the teacher and centre {', '.join(low)}, "
+                "where the EMA update stalls: use precision '32-true', 'bf16-mixed' or '16-mixed'"
+            )
+
     def on_train_start(self) -> None:
+        self._check_precision()
         # Derived from the restored global step, so a resumed run continues the same schedule.
         self._ema_step = int(self.trainer.global_step)
         self._total_steps = self._estimate_steps()
