@@ -66,12 +66,14 @@ def test_deterministic_true_maps_to_warn_only_and_strict_to_raise():
     assert trainer_options({"accelerator": "cpu", "deterministic": True}, {})["deterministic"] == (
         "warn"
     )
-    assert trainer_options({"accelerator": "cpu", "deterministic": "strict"}, {})[
-        "deterministic"
-    ] is True
-    assert trainer_options({"accelerator": "cpu", "deterministic": False}, {})[
-        "deterministic"
-    ] is False
+    assert (
+        trainer_options({"accelerator": "cpu", "deterministic": "strict"}, {})["deterministic"]
+        is True
+    )
+    assert (
+        trainer_options({"accelerator": "cpu", "deterministic": False}, {})["deterministic"]
+        is False
+    )
 
 
 def test_cpu_defaults_log_interval_and_no_gpu_only_options():
@@ -79,9 +81,10 @@ def test_cpu_defaults_log_interval_and_no_gpu_only_options():
     assert options["log_every_n_steps"] == DEFAULT_LOG_EVERY_N_STEPS > 1
     assert "benchmark" not in options  # cudnn only
     assert "sync_batchnorm" not in options  # torch's SyncBatchNorm has no CPU kernel
-    assert trainer_options({"accelerator": "cpu", "log_every_n_steps": 3}, {})[
-        "log_every_n_steps"
-    ] == 3
+    assert (
+        trainer_options({"accelerator": "cpu", "log_every_n_steps": 3}, {})["log_every_n_steps"]
+        == 3
+    )
 
 
 def test_gpu_options_benchmark_and_sync_batchnorm(monkeypatch):

@@ -16,12 +16,17 @@ run in float32. The tests check that twice:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nidl_dino import DINOLoss, DINOProjectionHead
+from nidl_dino import DINO, DINOLoss, DINOProjectionHead
+from nidl_dino.errors import UserError
+from nidl_dino.workflow import check_config
+
+from dino_fixtures import SMALL_HEAD, TinyConv3d, views_loader
 
 BF16 = {"device_type": "cpu", "dtype": torch.bfloat16}
 
@@ -138,10 +143,6 @@ def test_bf16_autocast_head_and_loss_within_tolerance_of_float32():
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_training_keeps_teacher_and_centre_float32_or_refuses(precision, quiet_trainer_kwargs):
-    from dino_fixtures import SMALL_HEAD, TinyConv3d, views_loader
-
-    from nidl_dino import DINO
-
     model = DINO(
         TinyConv3d,
         encoder_kwargs={"dim": 8},
@@ -163,11 +164,6 @@ def test_training_keeps_teacher_and_centre_float32_or_refuses(precision, quiet_t
 
 @pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
 def test_schema_refuses_half_true_precisions_in_one_line(precision, tmp_path):
-    from pathlib import Path
-
-    from nidl_dino.errors import UserError
-    from nidl_dino.workflow import check_config
-
     schema = Path(__file__).parents[1] / "pipeline" / "schemas" / "config.schema.yaml"
     check_config({"output_dir": "x", "trainer": {"precision": "bf16-mixed"}}, schema)
     with pytest.raises(UserError) as err:
