@@ -378,6 +378,18 @@ class MultiCropTransform(Randomizable, Transform):
         }
         gamma = _range(intensity["gamma"]["range"], "intensity.gamma.range", 1e-6, math.inf)
         sigma = _range(intensity["smooth"]["sigma"], "intensity.smooth.sigma", 0.0, math.inf)
+        # The parsed settings, for the batched device version (nidl_dino.device_views).
+        self.global_scale, self.local_scale = scales["global_scale"], scales["local_scale"]
+        self.aspect_ratio = aspect
+        self.flip = {"prob": flip_prob, "axes": tuple(int(a) for a in flip["axes"])}
+        self.affine = {
+            "prob": affine_prob,
+            "rotate_deg": float(affine["rotate_deg"]),
+            "scale": float(affine["scale"]),
+        }
+        self.intensity = intensity
+        self.intensity_probs = probs
+        self.gamma_range, self.sigma_range = gamma, sigma
 
         def view_pipeline(kind: int, size: tuple[int, int, int], scale: tuple) -> Compose:
             steps: list[Any] = [RandResizedCrop3d(size, scale, aspect)]
