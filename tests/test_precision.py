@@ -171,3 +171,33 @@ def test_schema_refuses_half_true_precisions_in_one_line(precision, tmp_path):
     assert "trainer.precision" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(UserError, match="extract.precision"):
         check_config({"output_dir": "x", "extract": {"precision": precision}}, schema)
+
+
+@pytest.mark.parametrize(
+    "extract, expected", [({}, "32-true"), ({"precision": "bf16-mixed"}, "bf16-mixed")]
+)
+def test_extraction_runs_float32_unless_asked_whatever_training_used(
+    extract, expected, tmp_path, monkeypatch
+):
+    import numpy as np
+    import pandas as pd
+
+    from nidl_dino import features
+
+    seen = {}
+
+    def fake_extract(encoder, paths, **kwargs):
+        seen.update(kwargs)
+        return np.zeros((len(paths), 3), dtype=np.float32)
+
+    monkeypatch.setattr(features, "extract_features", fake_extract)
+    monkeypatch.setattr(
+        features, "load_teacher", lambda path: (torch.nn.Identity(), {"model_id": "m"})
+    )
+    monkeypatch.setattr("nidl_dino.encoders.feature_encoder", lambda encoder, pooling: encoder)
+    qc = pd.DataFrame(
+        {"scan_id": ["sub-01"], "participant_id": ["sub-01"], "session_id": [""], "status": ["ok"]}
+    )
+    config = {**extract, "trainer": {"accelerator": "cpu", "precision": "bf16-mixed"}}
+    features.extract_cohort("teacher.pt", qc, tmp_path, tmp_path / "manifest.tsv", config)
+    assert seen["precision"] == expected and seen["accelerator"] == "cpu"
