@@ -91,15 +91,42 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+TRAIN_WORKER = textwrap.dedent(
+    """
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from nidl_dino.training import train_from_config
+
+    torch.set_num_threads(1)
+    out, paths = Path(sys.argv[1]), sys.argv[2:]
+    config = {
+        "encoder": {"name": "small_cnn", "kwargs": {"channels": [4, 8]}},
+        "views": {"global_size": 12, "local_size": 6, "num_local_crops": 2},
+        "data": {"batch_size": 2, "num_workers": 0, "cache": "memory", "views_on_device": True},
+        "dino": {"proj_hidden_dim": 16, "proj_bottleneck_dim": 8, "proj_output_dim": 32},
+        "trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "max_epochs": 1,
+                    "enable_progress_bar": False},
+        "seed": 0,
+    }
+    summary = train_from_config(paths, config, out / "work", out / "teacher.pt")
+    rank = os.environ.get("LOCAL_RANK", "0")
+    (out / f"summary{rank}.json").write_text(json.dumps(summary))
+    """
+)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    folder = tmp_path_factory.mktemp("ddp_views")
+def run_worker(folder: Path, source: str) -> None:
     rng = np.random.default_rng(0)
     paths = []
     for i in range(N_VOLUMES):
@@ -109,7 +136,7 @@ def ranks(tmp_path_factory) -> list[dict]:
         )
         paths.append(str(path))
     script = folder / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(source)
     env = {
         k: v
         for k, v in os.environ.items()
@@ -134,6 +161,12 @@ def ranks(tmp_path_factory) -> list[dict]:
         timeout=240,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    folder = tmp_path_factory.mktemp("ddp_views")
+    run_worker(folder, WORKER)
     results = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert [r["rank"] for r in results] == list(range(WORLD))
     return results
@@ -164,3 +197,15 @@ def test_teacher_and_centre_identical_on_both_ranks(ranks):
     for key, value in first["teacher"].items():
         assert torch.allclose(value.double(), second["teacher"][key].double(), atol=1e-6), key
     assert torch.allclose(first["center"], second["center"], atol=1e-6)
+
+
+def test_train_from_config_under_ddp_writes_the_outputs_once(tmp_path):
+    import json
+
+    run_worker(tmp_path, TRAIN_WORKER)
+    summaries = [json.loads((tmp_path / f"summary{r}.json").read_text()) for r in range(WORLD)]
+    assert "model_id" in summaries[0] and "model_id" not in summaries[1]  # rank 0 writes
+    assert summaries[0]["global_step"] == summaries[1]["global_step"] == N_VOLUMES // WORLD // BATCH
+    assert (tmp_path / "teacher.pt").is_file()
+    assert (tmp_path / "work" / "training_summary.json").is_file()
+    assert (tmp_path / "work" / "checkpoints" / "last.ckpt").is_file()
