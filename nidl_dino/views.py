@@ -9,8 +9,10 @@ config.yaml and the README's Feature quality section).
 :class:`MultiCropTransform` takes one volume ``(C, D, H, W)`` and returns the list
 ``[g1, g2, l1, ..., lN]``; the default collate of a ``DataLoader`` turns a batch of these into
 ``[g1, g2, l1, ..., lN]`` with each entry ``(B, C, D, H, W)``, the batch format of
-:class:`nidl_dino.DINO`. The same transform runs on any device (CPU workers, or the accelerator
-via :meth:`MultiCropTransform.batch_views`).
+:class:`nidl_dino.DINO`. The same transform runs on any device (CPU workers, or a batch with
+:meth:`MultiCropTransform.batch_views`, volume by volume). ``data.views_on_device`` uses
+:class:`nidl_dino.device_views.DeviceViews` instead: the same recipe in batched torch operations
+with no host synchronisation.
 
 Written here because MONAI lacks them (everything else is MONAI's):
 
@@ -440,7 +442,11 @@ class MultiCropTransform(Randomizable, Transform):
         return [convert_to_tensor(v, dtype=torch.float32, track_meta=False) for v in views]
 
     def batch_views(self, volumes: torch.Tensor) -> list[torch.Tensor]:
-        """Views of a batch of volumes, made where the volumes are (e.g. on the GPU).
+        """Views of a batch of volumes, made where the volumes are, volume by volume.
+
+        MONAI's transforms read values back to the host (NumPy random state, ``float(tensor)``
+        in the smoothing and contrast): for GPU batches use
+        :class:`nidl_dino.device_views.DeviceViews`, which ``data.views_on_device`` uses.
 
         Args:
             volumes: ``(B, C, D, H, W)`` on any device.
