@@ -49,7 +49,7 @@ class DeviceViews:
         ``volumes`` ``(B, C, D, H, W)`` on any device, and an int ``seed``.
 
     Returns:
-        ``[g1, g2, l1, ..., lN]``: float32 ``(B, C, *global_size)`` then ``(B, C,
+        ``[g1, g2, l1, ..., lN]``: float32 (float64 for float64 volumes) ``(B, C, *global_size)`` then ``(B, C,
         *local_size)``, on the volumes' device.
 
     Example:
@@ -71,7 +71,8 @@ class DeviceViews:
         if volumes.ndim != 5:
             raise ValueError(f"DeviceViews expects volumes (B, C, D, H, W), got {volumes.shape}")
         gen = torch.Generator(device=volumes.device).manual_seed(int(seed))
-        volumes = volumes.float()
+        # float32 (float64 stays: precision 64-true converts batches before the transfer)
+        volumes = volumes if volumes.dtype == torch.float64 else volumes.float()
         self.last_boxes = []
         kinds = [0, 1] + [2] * self.num_local_crops
         return [self._view(volumes, kind, gen) for kind in kinds]
@@ -90,7 +91,9 @@ class DeviceViews:
         spec = self.spec
         size = spec.global_size if kind < 2 else spec.local_size
         theta = self._theta(volumes, kind, gen)
-        grid = F.affine_grid(theta, [volumes.shape[0], volumes.shape[1], *size], False)
+        grid = F.affine_grid(
+            theta.to(volumes.dtype), [volumes.shape[0], volumes.shape[1], *size], False
+        )
         out = F.grid_sample(
             volumes, grid, mode="bilinear", padding_mode="border", align_corners=False
         )

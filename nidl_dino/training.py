@@ -47,6 +47,10 @@ def training_fingerprint(config: Mapping[str, Any], volume_paths: Sequence[str])
         "batch_size": (config.get("data", {}) or {}).get("batch_size"),
         "volumes": sorted(os.path.basename(str(p)) for p in volume_paths),
     }
+    if (config.get("data", {}) or {}).get("views_on_device"):
+        # device views draw other random numbers than the CPU workers: no resume across them
+        # (only added when set, so the fingerprints of existing CPU-view runs are unchanged)
+        payload["views_on_device"] = True
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

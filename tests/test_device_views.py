@@ -240,3 +240,20 @@ def test_a_resumed_run_draws_and_ends_as_the_uninterrupted_run(paths, tmp_path):
     ):
         assert torch.equal(a, b)
     assert torch.equal(full.loss.center, resumed.loss.center)
+
+
+def test_device_views_change_the_resume_fingerprint_only_when_on():
+    from nidl_dino.training import training_fingerprint
+
+    base = {"seed": 0, "data": {"batch_size": 2}}
+    paths = ["a.nii", "b.nii"]
+    plain = training_fingerprint(base, paths)
+    assert training_fingerprint({**base, "data": {"batch_size": 2, "views_on_device": False}},
+                                paths) == plain  # fmt: skip
+    assert training_fingerprint({**base, "data": {"batch_size": 2, "views_on_device": True}},
+                                paths) != plain  # fmt: skip
+
+
+def test_float64_volumes_give_float64_views():
+    out = DeviceViews(MultiCropTransform(**EVERYTHING))(torch.randn(2, 1, 20, 20, 20).double(), 0)
+    assert {v.dtype for v in out} == {torch.float64}
