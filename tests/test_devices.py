@@ -109,3 +109,14 @@ def test_slurm_job_with_fewer_tasks_than_devices_is_refused(monkeypatch):
 )
 def test_device_count(devices, expected):
     assert device_count(devices) == (expected or max(1, torch.cuda.device_count()))
+
+
+@no_gpu
+def test_training_asked_for_a_gpu_stops_before_writing_anything(tmp_path, monkeypatch):
+    from nidl_dino.training import train_from_config
+
+    monkeypatch.setenv("SLURM_JOB_GPUS", "0")
+    config = {"trainer": {"accelerator": "auto"}, "seed": 0}
+    with pytest.raises(UserError, match="SLURM_JOB_GPUS=0 says GPUs were allocated"):
+        train_from_config(["a.nii", "b.nii"], config, tmp_path / "work", tmp_path / "t.pt")
+    assert not (tmp_path / "work").exists()
