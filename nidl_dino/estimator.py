@@ -96,7 +96,8 @@ class DINO(TransformerMixin, BaseEstimator):
             "warmup_start_lr": 1e-6, "min_lr": 0.0, "interval": "step"}; "interval" and
             "frequency" go to Lightning.
         **kwargs: ``random_state`` (int or None), ``save_hparams`` (bool, default True),
-            ``ignore`` (hyperparameter names not to save), and any ``pytorch_lightning.Trainer``
+            ``ignore`` (hyperparameter names not to save), ``inference_precision`` (precision of
+            ``transform``, default ``"32-true"`` whatever the training precision), and any ``pytorch_lightning.Trainer``
             option (max_epochs, max_steps, callbacks, accelerator, devices, precision, strategy,
             logger, limit_train_batches, accumulate_grad_batches, ...).
 

@@ -201,3 +201,31 @@ def test_extraction_runs_float32_unless_asked_whatever_training_used(
     config = {**extract, "trainer": {"accelerator": "cpu", "precision": "bf16-mixed"}}
     features.extract_cohort("teacher.pt", qc, tmp_path, tmp_path / "manifest.tsv", config)
     assert seen["precision"] == expected and seen["accelerator"] == "cpu"
+
+
+@pytest.mark.parametrize("inference_precision", [None, "bf16-mixed"])
+def test_transform_runs_float32_after_bf16_training_unless_asked(
+    inference_precision, quiet_trainer_kwargs
+):
+    extra = {"inference_precision": inference_precision} if inference_precision else {}
+    model = DINO(
+        TinyConv3d,
+        encoder_kwargs={"dim": 8},
+        num_local_crops=2,
+        max_epochs=1,
+        precision="bf16-mixed",
+        **extra,
+        **SMALL_HEAD,
+        **quiet_trainer_kwargs,
+    )
+    model.fit(views_loader(n=8))
+    volumes = torch.randn(4, 1, 12, 12, 12, generator=torch.Generator().manual_seed(0))
+    features = model.transform(torch.utils.data.DataLoader(volumes, batch_size=2))
+    model.teacher.eval()
+    with torch.no_grad():
+        expected = model.teacher(volumes)  # float32, no autocast
+    if inference_precision is None:
+        assert torch.allclose(features, expected, atol=1e-6)
+    else:
+        assert not torch.allclose(features.float(), expected, atol=1e-6)
+        assert torch.allclose(features.float(), expected, rtol=0.05, atol=0.05)
