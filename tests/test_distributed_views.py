@@ -4,6 +4,10 @@ The datamodule with ``views_on_device`` (the GPU path, here on the CPU device) u
 DDP: each rank loads its own half of every epoch (Lightning wraps our epoch-seeded sampler in a
 distributed one), seeds its views with its rank, and every rank ends with the same teacher and
 centre. The worker is run as ``python worker.py OUT PATHS...``; Lightning re-runs it for rank 1.
+
+Then the workflow's entry point, ``train_from_config``, under the same DDP and as two SLURM tasks
+(the variables ``srun -n2`` sets, by hand: the real single-node Slurm test lives with the SLURM
+profile): a world of 2, and only rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -126,17 +130,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(folder: Path, source: str) -> None:
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(N_VOLUMES):
-        path = folder / f"sub-{i:02d}_T1w.nii"
-        nib.save(
-            nib.Nifti1Image(rng.standard_normal((14, 14, 14)).astype(np.float32), np.eye(4)), path
-        )
-        paths.append(str(path))
-    script = folder / "worker.py"
-    script.write_text(source)
+def clean_env() -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
@@ -151,11 +145,31 @@ def run_worker(folder: Path, source: str) -> None:
         PYTHONPATH=os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")])),
     )
     if Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only: no network needed
+    return env
+
+
+def write_volumes(folder: Path) -> list[str]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(N_VOLUMES):
+        path = folder / f"sub-{i:02d}_T1w.nii"
+        nib.save(
+            nib.Nifti1Image(rng.standard_normal((14, 14, 14)).astype(np.float32), np.eye(4)), path
+        )
+        paths.append(str(path))
+    return paths
+
+
+def run_worker(folder: Path, source: str) -> None:
+    """One command; Lightning's launcher starts the second process."""
+    paths = write_volumes(folder)
+    script = folder / "worker.py"
+    script.write_text(source)
     done = subprocess.run(
         [sys.executable, str(script), str(folder), *paths],
         cwd=folder,
-        env=env,
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=240,
@@ -209,3 +223,41 @@ def test_train_from_config_under_ddp_writes_the_outputs_once(tmp_path):
     assert (tmp_path / "teacher.pt").is_file()
     assert (tmp_path / "work" / "training_summary.json").is_file()
     assert (tmp_path / "work" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_train_from_config_as_two_slurm_tasks(tmp_path):
+    # What srun -n2 sets for two tasks on one node (by hand: no Slurm here); Lightning's SLURM
+    # environment makes one process per task, ranks from SLURM_PROCID.
+    import json
+
+    paths = write_volumes(tmp_path)
+    script = tmp_path / "worker.py"
+    script.write_text(TRAIN_WORKER.replace("LOCAL_RANK", "SLURM_PROCID"))
+    env = clean_env()
+    env.update(
+        SLURM_NTASKS="2",
+        SLURM_NTASKS_PER_NODE="2",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_NODEID="0",
+        SLURM_JOB_NAME="train",
+        SLURM_NODELIST="localhost",
+        SLURM_JOB_ID="4242",
+    )
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path), *paths],
+            cwd=tmp_path,
+            env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(WORLD)
+    ]
+    errors = [task.communicate(timeout=240)[1] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    summaries = [json.loads((tmp_path / f"summary{r}.json").read_text()) for r in range(WORLD)]
+    # a world of 2: each task ran half of the epoch's batches, and only rank 0 wrote the teacher
+    assert summaries[0]["global_step"] == summaries[1]["global_step"] == N_VOLUMES // WORLD // BATCH
+    assert "model_id" in summaries[0] and "model_id" not in summaries[1]
+    assert (tmp_path / "teacher.pt").is_file()
