@@ -6,8 +6,9 @@
 - :class:`DINODataModule`: the training data as a ``LightningDataModule``. Batches are
   ``[g1, g2, l1, ..., lN]``, each ``(B, C, D, H, W)``. Views are made by the loader's CPU workers,
   or, with ``views_on_device=True``, on the accelerator after the whole volumes ``(B, C, D, H, W)``
-  were moved there (``on_after_batch_transfer``), so that a GPU run is not bound by the CPU
-  workers. The estimator sees the same batches either way.
+  were moved there (``on_after_batch_transfer``, :class:`~nidl_dino.device_views.DeviceViews`,
+  seeded per batch from (seed, epoch, rank, sample indices)), so that a GPU run is not bound by
+  the CPU workers. The estimator sees batches of the same format either way.
 - :func:`volume_loader`: whole volumes ``(B, 1, D, H, W)`` in the given order, for extraction.
 
 Loaders are ``monai.data.DataLoader`` with the torch default collate (MONAI's collate would
@@ -270,7 +271,9 @@ class DINODataModule(pl.LightningDataModule):
         cache: ``"none"``, ``"memory"`` or ``"disk"`` (see :class:`VolumeDataset`).
         cache_dir: folder of the disk cache.
         views_on_device: make the views on the training device, batch by batch, after the
-            whole volumes were transferred (``on_after_batch_transfer``). Use with a GPU; on a
+            whole volumes were transferred (``on_after_batch_transfer``), with
+            :class:`~nidl_dino.device_views.DeviceViews` seeded from (seed, epoch, rank, the
+            batch's sample indices): ranks differ, a resumed run repeats. Use with a GPU; on a
             CPU the default (False) lets the workers work in parallel with the training step.
             Requires fitting with ``datamodule=`` (Lightning calls the hook on the datamodule).
         seed: seeds the shuffling, the workers' view transforms and the device-side views.
