@@ -71,7 +71,11 @@ def resume_checkpoint(ckpt_dir: Path, fingerprint: str) -> str | None:
             )
             shutil.move(str(ckpt_dir), str(stale))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(fingerprint + "\n")
+    if not marker.exists() or marker.read_text().strip() != fingerprint:
+        # atomic: other ranks (SLURM tasks) may be reading it (_resume_checkpoint_read_only)
+        tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
+        tmp.write_text(fingerprint + "\n")
+        os.replace(tmp, marker)
     return str(last) if last.exists() else None
 
 

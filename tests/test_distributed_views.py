@@ -261,3 +261,20 @@ def test_train_from_config_as_two_slurm_tasks(tmp_path):
     assert summaries[0]["global_step"] == summaries[1]["global_step"] == N_VOLUMES // WORLD // BATCH
     assert "model_id" in summaries[0] and "model_id" not in summaries[1]
     assert (tmp_path / "teacher.pt").is_file()
+
+
+def test_ranks_agree_on_the_checkpoint_to_resume(tmp_path):
+    from nidl_dino.training import _resume_checkpoint_read_only, resume_checkpoint
+
+    ckpt = tmp_path / "checkpoints"
+    assert resume_checkpoint(ckpt, "aaa") is None  # rank 0, fresh: creates the marker
+    assert _resume_checkpoint_read_only(ckpt, "aaa") is None  # other ranks: same answer
+    (ckpt / "last.ckpt").write_text("x")
+    assert resume_checkpoint(ckpt, "aaa") == str(ckpt / "last.ckpt")
+    assert _resume_checkpoint_read_only(ckpt, "aaa") == str(ckpt / "last.ckpt")
+    assert _resume_checkpoint_read_only(ckpt, "bbb") is None  # never moves anything
+    assert (ckpt / "last.ckpt").exists()
+    assert resume_checkpoint(ckpt, "bbb") is None  # rank 0 moves the other run aside
+    assert not (ckpt / "last.ckpt").exists()
+    assert len(list(tmp_path.glob("checkpoints.stale-*"))) == 1
+    assert _resume_checkpoint_read_only(ckpt, "bbb") is None
