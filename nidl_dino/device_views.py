@@ -49,8 +49,8 @@ class DeviceViews:
         ``volumes`` ``(B, C, D, H, W)`` on any device, and an int ``seed``.
 
     Returns:
-        ``[g1, g2, l1, ..., lN]``: float32 (float64 for float64 volumes) ``(B, C, *global_size)`` then ``(B, C,
-        *local_size)``, on the volumes' device.
+        ``[g1, g2, l1, ..., lN]``: float32 (float64 for float64 volumes) tensors
+        ``(B, C, *global_size)`` then ``(B, C, *local_size)``, on the volumes' device.
 
     Example:
         >>> views = DeviceViews(MultiCropTransform(**DEFAULT_VIEWS_CONFIG))

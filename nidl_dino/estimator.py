@@ -97,9 +97,10 @@ class DINO(TransformerMixin, BaseEstimator):
             "frequency" go to Lightning.
         **kwargs: ``random_state`` (int or None), ``save_hparams`` (bool, default True),
             ``ignore`` (hyperparameter names not to save), ``inference_precision`` (precision of
-            ``transform``, default ``"32-true"`` whatever the training precision), and any ``pytorch_lightning.Trainer``
-            option (max_epochs, max_steps, callbacks, accelerator, devices, precision, strategy,
-            logger, limit_train_batches, accumulate_grad_batches, ...).
+            ``transform``, default ``"32-true"`` whatever the training precision), and any
+            ``pytorch_lightning.Trainer`` option (max_epochs, max_steps, callbacks, accelerator,
+            devices, precision, strategy, logger, limit_train_batches, accumulate_grad_batches,
+            ...).
 
     Attributes:
         encoder: the teacher backbone (used at inference).
