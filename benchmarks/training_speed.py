@@ -128,19 +128,20 @@ def bench_device_views(setting: dict, device: str, batch: int, repeats: int) -> 
     On the CPU with tiny volumes the compute is negligible: the rate is the ceiling that the
     per-transform Python and kernel-launch overhead puts on the device path.
     """
+    from nidl_dino.device_views import DeviceViews
     from nidl_dino.views import MultiCropTransform
 
-    transform = MultiCropTransform(**views_config(setting)).set_random_state(0)
+    device_views = DeviceViews(MultiCropTransform(**views_config(setting)))
     size = setting["volume"]
     volumes = torch.from_numpy(np.stack([phantom(size, i)[None] for i in range(batch)]))
     volumes = volumes.to(device)
-    transform.batch_views(volumes)  # warm-up
+    device_views(volumes, 0)  # warm-up
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     clock = time.perf_counter if device == "cuda" else time.process_time
     sync()
     start = clock()
-    for _ in range(repeats):
-        transform.batch_views(volumes)
+    for seed in range(repeats):
+        device_views(volumes, seed)
     sync()
     seconds = (clock() - start) / (repeats * batch)
     n_views = 2 + setting["num_local_crops"]

@@ -6,8 +6,9 @@
 - :class:`DINODataModule`: the training data as a ``LightningDataModule``. Batches are
   ``[g1, g2, l1, ..., lN]``, each ``(B, C, D, H, W)``. Views are made by the loader's CPU workers,
   or, with ``views_on_device=True``, on the accelerator after the whole volumes ``(B, C, D, H, W)``
-  were moved there (``on_after_batch_transfer``), so that a GPU run is not bound by the CPU
-  workers. The estimator sees the same batches either way.
+  were moved there (``on_after_batch_transfer``, :class:`~nidl_dino.device_views.DeviceViews`,
+  seeded per batch from (seed, epoch, rank, sample indices)), so that a GPU run is not bound by
+  the CPU workers. The estimator sees batches of the same format either way.
 - :func:`volume_loader`: whole volumes ``(B, 1, D, H, W)`` in the given order, for extraction.
 
 Loaders are ``monai.data.DataLoader`` with the torch default collate (MONAI's collate would
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,7 @@ from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.transforms import Compose, EnsureType, LoadImage
 from torch.utils.data import default_collate
 
+from nidl_dino.device_views import DeviceViews
 from nidl_dino.errors import UserError
 from nidl_dino.views import DEFAULT_VIEWS_CONFIG, MultiCropTransform
 
@@ -170,6 +173,32 @@ class SeededViews(torch.utils.data.Dataset):
         return self.views(self.volumes[index])
 
 
+class KeyedVolumes(torch.utils.data.Dataset):
+    """Volumes with their ``(epoch, index)`` key, for views made on the device after transfer.
+
+    Items are ``(volume, epoch, index)``; the collate makes ``[volumes (B, C, D, H, W), epochs
+    (B,), indices (B,)]``, from which :class:`DINODataModule` seeds the batch's views.
+    """
+
+    def __init__(self, volumes: torch.utils.data.Dataset):
+        self.volumes = volumes
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, key: Any) -> tuple[torch.Tensor, int, int]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        return self.volumes[index], int(epoch), int(index)
+
+
+@dataclass
+class VolumeBatch:
+    """Whole volumes on their way to the device, with the seed of their views (a host int)."""
+
+    volumes: torch.Tensor
+    seed: int
+
+
 def _mix_seed(*values: int) -> int:
     """A 32-bit seed from several integers (numpy's SeedSequence hashing)."""
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0])
@@ -242,7 +271,9 @@ class DINODataModule(pl.LightningDataModule):
         cache: ``"none"``, ``"memory"`` or ``"disk"`` (see :class:`VolumeDataset`).
         cache_dir: folder of the disk cache.
         views_on_device: make the views on the training device, batch by batch, after the
-            whole volumes were transferred (``on_after_batch_transfer``). Use with a GPU; on a
+            whole volumes were transferred (``on_after_batch_transfer``), with
+            :class:`~nidl_dino.device_views.DeviceViews` seeded from (seed, epoch, rank, the
+            batch's sample indices): ranks differ, a resumed run repeats. Use with a GPU; on a
             CPU the default (False) lets the workers work in parallel with the training step.
             Requires fitting with ``datamodule=`` (Lightning calls the hook on the datamodule).
         seed: seeds the shuffling, the workers' view transforms and the device-side views.
@@ -303,6 +334,7 @@ class DINODataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.views = MultiCropTransform(**(views_config or DEFAULT_VIEWS_CONFIG))
         self.views.set_random_state(self.seed)
+        self.device_views = DeviceViews(self.views)
         self.train_dataset: torch.utils.data.Dataset | None = None
         self.val_dataset: torch.utils.data.Dataset | None = None
 
@@ -324,7 +356,9 @@ class DINODataModule(pl.LightningDataModule):
             cache_dir=self.cache_dir,
             cache_num_workers=max(1, self.num_workers),
         )
-        return volumes if self.views_on_device else SeededViews(volumes, self.views, self.seed)
+        if self.views_on_device:
+            return KeyedVolumes(volumes)
+        return SeededViews(volumes, self.views, self.seed)
 
     def _current_epoch(self) -> int:
         trainer = getattr(self, "trainer", None)
@@ -371,8 +405,45 @@ class DINODataModule(pl.LightningDataModule):
             ),
         )
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """With ``views_on_device``, turn volumes ``(B, C, D, H, W)`` into the list of views."""
-        if self.views_on_device and isinstance(batch, torch.Tensor) and batch.ndim == 5:
-            return self.views.batch_views(batch)
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``views_on_device``, seed the batch's views while its keys are on the host.
+
+        The seed mixes ``(seed, epoch, rank, the batch's sample indices)``: the indices of an
+        epoch's batches are a function of (seed, epoch) (:class:`EpochSeededSampler`, and
+        Lightning's distributed wrapper of it), so the seed identifies the batch as its index in
+        the epoch does, and a resumed run seeds each batch as the uninterrupted run did. The rank
+        makes the ranks' views differ. Reading the keys here costs no device synchronisation.
+        """
+        if self.views_on_device and _is_keyed_batch(batch):
+            volumes, epochs, indices = batch
+            keys = [int(epochs[0]), self._rank(), *(int(i) for i in indices.tolist())]
+            return VolumeBatch(volumes, _mix_seed(self.seed, *keys))
         return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``views_on_device``, turn volumes ``(B, C, D, H, W)`` into the list of views.
+
+        :class:`~nidl_dino.device_views.DeviceViews` makes them in batched operations on the
+        device, with a generator on the device seeded by :meth:`on_before_batch_transfer`.
+        """
+        if isinstance(batch, VolumeBatch):
+            return self.device_views(batch.volumes, batch.seed)
+        if self.views_on_device and isinstance(batch, torch.Tensor) and batch.ndim == 5:
+            # volumes without keys (a loader of the user's): seeded from (seed, rank) alone
+            return self.device_views(batch, _mix_seed(self.seed, self._rank()))
+        return batch
+
+    def _rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_rank) if trainer is not None else 0
+
+
+def _is_keyed_batch(batch: Any) -> bool:
+    return (
+        isinstance(batch, (list, tuple))
+        and len(batch) == 3
+        and isinstance(batch[0], torch.Tensor)
+        and batch[0].ndim == 5
+        and isinstance(batch[1], torch.Tensor)
+        and isinstance(batch[2], torch.Tensor)
+    )

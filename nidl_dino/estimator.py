@@ -31,6 +31,7 @@ _DEFAULT_LR_SCHEDULER_KWARGS = {
     "interval": "step",
 }
 _NUM_GLOBAL_VIEWS = 2
+_FULL_PRECISION = (torch.float32, torch.float64)
 
 
 class DINO(TransformerMixin, BaseEstimator):
@@ -95,9 +96,11 @@ class DINO(TransformerMixin, BaseEstimator):
             "warmup_start_lr": 1e-6, "min_lr": 0.0, "interval": "step"}; "interval" and
             "frequency" go to Lightning.
         **kwargs: ``random_state`` (int or None), ``save_hparams`` (bool, default True),
-            ``ignore`` (hyperparameter names not to save), and any ``pytorch_lightning.Trainer``
-            option (max_epochs, max_steps, callbacks, accelerator, devices, precision, strategy,
-            logger, limit_train_batches, accumulate_grad_batches, ...).
+            ``ignore`` (hyperparameter names not to save), ``inference_precision`` (precision of
+            ``transform``, default ``"32-true"`` whatever the training precision), and any
+            ``pytorch_lightning.Trainer`` option (max_epochs, max_steps, callbacks, accelerator,
+            devices, precision, strategy, logger, limit_train_batches, accumulate_grad_batches,
+            ...).
 
     Attributes:
         encoder: the teacher backbone (used at inference).
@@ -395,7 +398,32 @@ class DINO(TransformerMixin, BaseEstimator):
         total = self._total_steps if self._total_steps is not None else self._estimate_steps()
         return cosine_schedule(step, total, self.base_lambda, self.final_lambda)
 
+    def _check_precision(self) -> None:
+        """Refuse precisions that make the teacher or the centre half precision.
+
+        ``16-true``/``bf16-true`` cast every parameter and buffer: the EMA step ``(1 - m) *
+        (student - teacher)`` then falls below half precision's resolution at m >= 0.996 and the
+        teacher stops moving. Mixed precisions keep them float32 (and the head's last layer and
+        the loss run in float32, see :class:`DINOProjectionHead` and :class:`DINOLoss`).
+
+        Raises:
+            ValueError: if a teacher parameter or the centre is not float32/float64.
+        """
+        tensors = [
+            *self.teacher.parameters(),
+            *self.teacher_head.parameters(),
+            self.loss.center,
+        ]
+        low = sorted({str(t.dtype) for t in tensors if t.dtype not in _FULL_PRECISION})
+        if low:
+            precision = getattr(self.trainer, "precision", "?")
+            raise ValueError(
+                f"DINO: precision {precision!r} makes the teacher and centre {', '.join(low)}, "
+                "where the EMA update stalls: use precision '32-true', 'bf16-mixed' or '16-mixed'"
+            )
+
     def on_train_start(self) -> None:
+        self._check_precision()
         # Derived from the restored global step, so a resumed run continues the same schedule.
         self._ema_step = int(self.trainer.global_step)
         self._total_steps = self._estimate_steps()

@@ -244,8 +244,9 @@ def extract_cohort(
         qc: the QC table (scan_id, participant_id, session_id, status, ...).
         preproc_dir: the workflow's preprocessing folder.
         manifest_path: the manifest to write.
-        config: the ``extract:`` section (batch_size, num_workers, pooling) plus ``trainer``
-            (accelerator, precision).
+        config: the ``extract:`` section (batch_size, num_workers, pooling, precision) plus
+            ``trainer`` (accelerator). Extraction runs in ``extract.precision``, float32
+            (``"32-true"``) unless asked otherwise, whatever precision training used.
 
     Returns:
         The manifest.
@@ -256,7 +257,10 @@ def extract_cohort(
     out_dir = Path(manifest_path).parent
     previous = read_manifest_tables(manifest_path)
     scans = ok_scans(qc)
+    from nidl_dino.devices import check_gpu
+
     trainer = config.get("trainer", {}) or {}
+    check_gpu(trainer.get("accelerator", "auto"))  # no silent CPU fallback
     encoder, info = load_teacher(teacher_path)
     pooling = str(config.get("pooling", DEFAULT_POOLING))
     features = extract_features(
@@ -265,7 +269,7 @@ def extract_cohort(
         batch_size=int(config.get("batch_size", 4)),
         num_workers=int(config.get("num_workers", 0)),
         accelerator=str(trainer.get("accelerator", "auto")),
-        precision=trainer.get("precision", "32-true"),
+        precision=config.get("precision") or "32-true",
     )
     if not np.isfinite(features).all():
         raise UserError(

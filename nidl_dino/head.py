@@ -17,6 +17,11 @@ class DINOProjectionHead(nn.Module):
     from a truncated normal of std 0.02, biases are zero; the last layer's norm ``g`` is fixed to 1
     and not trained when ``norm_last_layer``.
 
+    Precision: the L2 normalisation and the prototype layer run in float32 with autocast
+    disabled (the output is float32 under any autocast): the prototype logits are divided by
+    temperatures of 0.01-0.1 in the loss, which bf16's 8-bit mantissa does not survive. The MLP
+    follows the caller's autocast.
+
     Args:
         input_dim: input dimension (the encoder's output dimension).
         hidden_dim: hidden dimension of the MLP.
@@ -101,8 +106,9 @@ class DINOProjectionHead(nn.Module):
                 f"{tuple(x.shape)}: set proj_input_dim to the encoder's output dimension"
             )
         x = self.mlp(x)
-        x = F.normalize(x, dim=-1, p=2)
-        return self.last_layer(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1, p=2)
+            return self.last_layer(x)
 
     def cancel_last_layer_gradients(self, current_epoch: int) -> None:
         """Drop the last layer's gradients while ``current_epoch < freeze_last_layer``.

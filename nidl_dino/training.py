@@ -24,6 +24,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from nidl_dino.data import DINODataModule
+from nidl_dino.devices import trainer_options
 from nidl_dino.encoders import build_encoder
 from nidl_dino.errors import UserError
 from nidl_dino.estimator import DINO
@@ -47,6 +48,10 @@ def training_fingerprint(config: Mapping[str, Any], volume_paths: Sequence[str])
         "batch_size": (config.get("data", {}) or {}).get("batch_size"),
         "volumes": sorted(os.path.basename(str(p)) for p in volume_paths),
     }
+    if (config.get("data", {}) or {}).get("views_on_device"):
+        # device views draw other random numbers than the CPU workers: no resume across them
+        # (only added when set, so the fingerprints of existing CPU-view runs are unchanged)
+        payload["views_on_device"] = True
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -67,7 +72,11 @@ def resume_checkpoint(ckpt_dir: Path, fingerprint: str) -> str | None:
             )
             shutil.move(str(ckpt_dir), str(stale))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(fingerprint + "\n")
+    if not marker.exists() or marker.read_text().strip() != fingerprint:
+        # atomic: other ranks (SLURM tasks) may be reading it (_resume_checkpoint_read_only)
+        tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
+        tmp.write_text(fingerprint + "\n")
+        os.replace(tmp, marker)
     return str(last) if last.exists() else None
 
 
@@ -118,6 +127,8 @@ def train_from_config(
         A summary: steps, epochs, resumed-from path, fingerprint, model id, final loss.
     """
     work = Path(work_dir)
+    # Before anything is written: a GPU run without a usable GPU stops here, in one line.
+    trainer_cfg = trainer_options(config.get("trainer", {}) or {})
     if len(volume_paths) < 2:
         raise UserError(
             f"training needs at least 2 scans that passed QC, got {len(volume_paths)}: check "
@@ -125,7 +136,12 @@ def train_from_config(
         )
     fingerprint = training_fingerprint(config, volume_paths)
     ckpt_dir = work / "checkpoints"
-    ckpt_path = resume_checkpoint(ckpt_dir, fingerprint)
+    rank = _launch_rank()
+    ckpt_path = (
+        resume_checkpoint(ckpt_dir, fingerprint)
+        if rank == 0
+        else _resume_checkpoint_read_only(ckpt_dir, fingerprint)
+    )
     if ckpt_path:
         log.info("resuming training from %s", ckpt_path)
 
@@ -169,8 +185,6 @@ def train_from_config(
         CSVLogger(str(work / "logs"), name="csv"),
         TensorBoardLogger(str(work / "logs"), name="tensorboard", default_hp_metric=False),
     ]
-    trainer_cfg = dict(config.get("trainer", {}) or {})
-    trainer_cfg.setdefault("log_every_n_steps", 1)
     if not val_paths:  # no validation loop at all (else Lightning warns of an empty one)
         trainer_cfg.setdefault("limit_val_batches", 0)
         trainer_cfg.setdefault("num_sanity_val_steps", 0)
@@ -185,6 +199,18 @@ def train_from_config(
         **trainer_cfg,
     )
     model.fit(datamodule=datamodule, ckpt_path=ckpt_path)
+    summary = {
+        "fingerprint": fingerprint,
+        "resumed_from": ckpt_path,
+        "global_step": int(model.trainer.global_step),
+        "epochs": int(model.trainer.current_epoch),
+        "n_train_volumes": len(volume_paths),
+        "final_loss": _to_float(model.trainer.callback_metrics.get("train/loss_epoch")),
+    }
+    if model.trainer.global_rank != 0:
+        # Every rank ends with the same teacher (tested): one process writes the outputs.
+        _barrier()
+        return summary
 
     model_id = save_teacher(
         model.teacher,
@@ -198,17 +224,37 @@ def train_from_config(
     plot_training_curves(
         sorted((work / "logs" / "csv").glob("version_*/metrics.csv")), work / "training_curves.png"
     )
-    summary = {
-        "model_id": model_id,
-        "fingerprint": fingerprint,
-        "resumed_from": ckpt_path,
-        "global_step": int(model.trainer.global_step),
-        "epochs": int(model.trainer.current_epoch),
-        "n_train_volumes": len(volume_paths),
-        "final_loss": _to_float(model.trainer.callback_metrics.get("train/loss_epoch")),
-    }
+    summary = {"model_id": model_id, **summary}
     (work / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _barrier()
     return summary
+
+
+def _launch_rank() -> int:
+    """This process's global rank as its launcher set it (SLURM task, torchrun), before DDP."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def _resume_checkpoint_read_only(ckpt_dir: Path, fingerprint: str) -> str | None:
+    """What :func:`resume_checkpoint` returns, without moving or writing anything (ranks > 0)."""
+    marker, last = ckpt_dir / "fingerprint.txt", ckpt_dir / "last.ckpt"
+    try:
+        same = marker.read_text().strip() == fingerprint
+    except OSError:
+        return None
+    return str(last) if same and last.exists() else None
+
+
+def _barrier() -> None:
+    """Wait for every rank (outputs written by rank 0) when a process group is still up."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def _to_float(value: Any) -> float | None:

@@ -9,8 +9,10 @@ config.yaml and the README's Feature quality section).
 :class:`MultiCropTransform` takes one volume ``(C, D, H, W)`` and returns the list
 ``[g1, g2, l1, ..., lN]``; the default collate of a ``DataLoader`` turns a batch of these into
 ``[g1, g2, l1, ..., lN]`` with each entry ``(B, C, D, H, W)``, the batch format of
-:class:`nidl_dino.DINO`. The same transform runs on any device (CPU workers, or the accelerator
-via :meth:`MultiCropTransform.batch_views`).
+:class:`nidl_dino.DINO`. The same transform runs on any device (CPU workers, or a batch with
+:meth:`MultiCropTransform.batch_views`, volume by volume). ``data.views_on_device`` uses
+:class:`nidl_dino.device_views.DeviceViews` instead: the same recipe in batched torch operations
+with no host synchronisation.
 
 Written here because MONAI lacks them (everything else is MONAI's):
 
@@ -378,6 +380,18 @@ class MultiCropTransform(Randomizable, Transform):
         }
         gamma = _range(intensity["gamma"]["range"], "intensity.gamma.range", 1e-6, math.inf)
         sigma = _range(intensity["smooth"]["sigma"], "intensity.smooth.sigma", 0.0, math.inf)
+        # The parsed settings, for the batched device version (nidl_dino.device_views).
+        self.global_scale, self.local_scale = scales["global_scale"], scales["local_scale"]
+        self.aspect_ratio = aspect
+        self.flip = {"prob": flip_prob, "axes": tuple(int(a) for a in flip["axes"])}
+        self.affine = {
+            "prob": affine_prob,
+            "rotate_deg": float(affine["rotate_deg"]),
+            "scale": float(affine["scale"]),
+        }
+        self.intensity = intensity
+        self.intensity_probs = probs
+        self.gamma_range, self.sigma_range = gamma, sigma
 
         def view_pipeline(kind: int, size: tuple[int, int, int], scale: tuple) -> Compose:
             steps: list[Any] = [RandResizedCrop3d(size, scale, aspect)]
@@ -428,7 +442,11 @@ class MultiCropTransform(Randomizable, Transform):
         return [convert_to_tensor(v, dtype=torch.float32, track_meta=False) for v in views]
 
     def batch_views(self, volumes: torch.Tensor) -> list[torch.Tensor]:
-        """Views of a batch of volumes, made where the volumes are (e.g. on the GPU).
+        """Views of a batch of volumes, made where the volumes are, volume by volume.
+
+        MONAI's transforms read values back to the host (NumPy random state, ``float(tensor)``
+        in the smoothing and contrast): for GPU batches use
+        :class:`nidl_dino.device_views.DeviceViews`, which ``data.views_on_device`` uses.
 
         Args:
             volumes: ``(B, C, D, H, W)`` on any device.

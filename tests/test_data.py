@@ -119,8 +119,10 @@ def test_workers_draw_different_views_and_repeat_under_a_seed(volumes):
 def test_views_on_device_turn_volume_batches_into_views(volumes):
     paths, _ = volumes
     dm = DINODataModule(paths, VIEWS, batch_size=2, views_on_device=True)
-    batch = first_batch(dm)
-    assert tuple(batch.shape) == (2, 1, *SHAPE)  # whole volumes leave the loader
+    volumes, epochs, indices = first_batch(dm)
+    assert tuple(volumes.shape) == (2, 1, *SHAPE)  # whole volumes leave the loader, with keys
+    assert epochs.tolist() == [0, 0] and len(set(indices.tolist())) == 2
+    batch = dm.on_before_batch_transfer([volumes, epochs, indices], 0)
     views = dm.on_after_batch_transfer(batch, 0)
     assert [tuple(v.shape) for v in views] == [(2, 1, 16, 16, 16)] * 2 + [(2, 1, 8, 8, 8)] * 2
     assert dm.image_sizes == [(16, 16, 16), (8, 8, 8)] and dm.num_local_crops == 2
