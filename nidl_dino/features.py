@@ -181,6 +181,10 @@ def write_subject_tables(
     return written
 
 
+#: QC measures copied into the cohort table as covariates (from ``metrics.<name>`` of qc.tsv).
+COHORT_QC_COLUMNS = ("etiv_ml",)
+
+
 def cohort_table(
     qc: pd.DataFrame,
     feature_tables: Sequence[str | os.PathLike],
@@ -197,14 +201,22 @@ def cohort_table(
 
     Returns:
         The cohort table, in QC-table order; features are empty (NaN) for excluded scans.
+        The QC covariates :data:`COHORT_QC_COLUMNS` (``etiv_ml``) come after the participants
+        columns, before the features, when the QC table has them.
     """
     from nidl_dino.participants import merge_participants
 
     ids = ["participant_id", "session_id"]
     base = qc[ids + ["status", "reason"]].copy()
     base["session_id"] = base["session_id"].fillna("").astype(str)
+    # Head size (FreeSurfer-style eTIV from the registration), the covariate users expect next
+    # to the phenotypes; empty for scans excluded before registration.
+    covariates = {c: qc[q] for c in COHORT_QC_COLUMNS for q in (f"metrics.{c}", c) if q in qc}
+    for column, values in covariates.items():
+        base[column] = values.to_numpy()
     if participants is not None:
         base = merge_participants(base, participants, sessions)
+        base = base[[c for c in base.columns if c not in covariates] + list(covariates)]
     frames = [
         pd.read_csv(p, sep="\t", dtype={"participant_id": str, "session_id": str})
         for p in feature_tables

@@ -100,8 +100,6 @@ DEFAULT_CONFIG: dict[str, Any] = {
         # Automatic exclusion thresholds; null turns a check off.
         # Pearson correlation with the template inside its brain mask, at working resolution.
         "min_similarity": 0.5,
-        # Template brain mask carried to the subject (volume times the registration's scaling).
-        "brain_volume_ml": [900.0, 2600.0],
         # Fraction of the brain mask falling outside the input field of view (cut-off brain).
         "max_outside_fov_fraction": 0.05,
         # In-mask 99th over 50th percentile: ~1.2-2 for T1w; near 1 is flat, large is spiky.
@@ -133,8 +131,19 @@ def merge_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     return merged
 
 
+#: Keys that existed once, with what to do instead (a clearer error than "unknown").
+_REMOVED = {
+    "preprocessing.qc.brain_volume_ml": (
+        "was removed: the template's brain mask times the registration's scaling measured the "
+        "template, not the subject; the head size is now the metrics.etiv_ml covariate (no bound)"
+    ),
+}
+
+
 def _merge_into(base: dict, update: Mapping, path: str) -> None:
     for key, value in update.items():
+        if f"{path}.{key}" in _REMOVED:
+            raise UserError(f"config key {path}.{key} {_REMOVED[f'{path}.{key}']}; delete it")
         if key not in base:
             known = ", ".join(sorted(base))
             raise UserError(f"config key {path}.{key} is unknown; expected one of: {known}")

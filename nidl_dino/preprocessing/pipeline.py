@@ -42,7 +42,11 @@ from nidl_dino.preprocessing.qc import (
     save_text_png,
     similarity_to_template,
 )
-from nidl_dino.preprocessing.registration import register_to_template, scaling_determinant
+from nidl_dino.preprocessing.registration import (
+    etiv_ml,
+    register_to_template,
+    scaling_determinant,
+)
 from nidl_dino.preprocessing.resample import (
     block_average,
     block_factors,
@@ -50,7 +54,6 @@ from nidl_dino.preprocessing.resample import (
     output_grid,
     resample_to_grid,
 )
-from nidl_dino.preprocessing.template import brain_volume_ml_1mm
 from nidl_dino.preprocessing.validate import describe_input, validate_image
 
 TEMPLATE_NAME = "MNI152 ICBM 2009 T1, skull-stripped (nilearn.datasets.load_mni152_template)"
@@ -262,7 +265,8 @@ def _process(in_file: Path, cfg: dict[str, Any], record: dict[str, Any]) -> _Pro
     metrics["registration_similarity"] = round(
         similarity_to_template(work, work_affine, transform, working), 4
     )
-    metrics["brain_volume_ml"] = round(brain_volume_ml_1mm() * scaling_determinant(transform), 1)
+    # Head size as FreeSurfer's eTIV (a covariate; not checked: it measures the transform).
+    metrics["etiv_ml"] = round(etiv_ml(transform), 1)
     metrics["mask_volume_ml"] = round(float(mask.sum() * voxel_ml), 1) if msk["enabled"] else None
     metrics["outside_fov_fraction"] = round(float(1.0 - in_fov[brain].mean()), 4)
     metrics["intensity"] = intensity_stats(volume, brain & in_fov)

@@ -95,7 +95,7 @@ def qc_flags(metrics: dict[str, Any], qc: dict[str, Any]) -> list[str]:
     """Reasons to exclude a processed scan, one short sentence each; empty when it passes.
 
     Args:
-        metrics: the record's ``metrics`` (``registration_similarity``, ``brain_volume_ml``,
+        metrics: the record's ``metrics`` (``registration_similarity``,
             ``outside_fov_fraction``, ``intensity`` stats inside the brain).
         qc: the ``qc`` config section; a None threshold is not checked.
     """
@@ -104,11 +104,6 @@ def qc_flags(metrics: dict[str, Any], qc: dict[str, Any]) -> list[str]:
     if qc["min_similarity"] is not None and similarity < float(qc["min_similarity"]):
         flags.append(
             f"registration similarity {similarity:.2f} below threshold {qc['min_similarity']:g}"
-        )
-    volume, bounds = metrics["brain_volume_ml"], qc["brain_volume_ml"]
-    if volume is not None and _outside(volume, bounds):
-        flags.append(
-            f"implausible brain volume {volume:.0f} ml (allowed {bounds[0]:g}-{bounds[1]:g} ml)"
         )
     outside, limit = metrics["outside_fov_fraction"], qc["max_outside_fov_fraction"]
     if limit is not None and outside > float(limit):
