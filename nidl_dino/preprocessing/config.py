@@ -30,6 +30,13 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # Intermediate resolution (mm) of the images that N4 and the registration see: the native
     # volume is block-averaged to it. Coarser is faster and smoother, finer is slower.
     "working_spacing_mm": 4.0,
+    # Inputs already skull-stripped (many shared datasets): auto | true | false. auto calls an
+    # input skull-stripped when its foreground (above Otsu's threshold) is smaller than
+    # 1.25 x its eTIV (a whole head with scalp and skull: 1.5-2.5 x; a brain alone: about 0.9).
+    # A skull-stripped scan takes its normalisation statistics from its own brain voxels only
+    # (inside the mask, not the zeros around the brain), so that it matches the whole-head
+    # acquisition of the same head.
+    "skull_stripped": "auto",
     "bias_correction": {
         # N4 (ANTs). Off: intensity inhomogeneity (tens of % across the head at 3 T) stays in
         # the volume and the intensity normalisation only removes a global scale.
@@ -159,6 +166,8 @@ def _check(cfg: dict) -> None:
     def fail(key: str, message: str) -> None:
         raise UserError(f"config key preprocessing.{key} {message}")
 
+    if cfg["skull_stripped"] not in ("auto", True, False):
+        fail("skull_stripped", "must be auto, true or false")
     if cfg["registration"]["type"] not in _TRANSFORMS:
         fail("registration.type", f"must be one of {', '.join(_TRANSFORMS)}")
     if cfg["normalization"]["method"] not in _METHODS:
