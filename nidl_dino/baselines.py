@@ -126,7 +126,7 @@ def intensity_pca_features(
     return FeatureSet(X, steps=(("pca", PCA(n_components=int(n_components), random_state=seed)),))
 
 
-def brain_volume_feature(qc_table: pd.DataFrame, column: str = "brain_volume_ml") -> np.ndarray:
+def brain_volume_feature(qc_table: pd.DataFrame, column: str = "etiv_ml") -> np.ndarray:
     """The brain-volume baseline: one QC measure as a one-feature model.
 
     Args:

@@ -38,6 +38,8 @@ def read_manifest_tables(path: str | os.PathLike) -> list[str]:
         return []
 
 
+#: QC measures copied into the cohort table as covariates (from ``metrics.<name>`` of qc.tsv).
+COHORT_QC_COLUMNS = ("etiv_ml",)
 #: Scans per chunk when the cohort table is streamed.
 CHUNK_ROWS = 256
 _ID_COLUMNS = ["participant_id", "session_id"]
@@ -64,8 +66,14 @@ def _base_table(
 
     base = qc[_ID_COLUMNS + ["scan_id", "status", "reason"]].copy()
     base["session_id"] = base["session_id"].fillna("").astype(str)
+    # Head size (FreeSurfer-style eTIV from the registration), the covariate users expect next
+    # to the phenotypes; empty for scans excluded before registration.
+    covariates = {c: qc[q] for c in COHORT_QC_COLUMNS for q in (f"metrics.{c}", c) if q in qc}
+    for column, values in covariates.items():
+        base[column] = values.to_numpy()
     if participants is not None:
         base = merge_participants(base, participants, sessions)
+        base = base[[c for c in base.columns if c not in covariates] + list(covariates)]
     return base.reset_index(drop=True)
 
 
@@ -127,9 +135,10 @@ def cohort_table(
     participants: pd.DataFrame | None = None,
     sessions: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """One row per input scan: ids, status, reason, participants.tsv columns, features.
+    """One row per input scan: ids, status, reason, participants.tsv columns, eTIV, features.
 
-    Every join is on ``scan_id`` (the QC table's, and a per-scan table's file name
+    The QC covariates :data:`COHORT_QC_COLUMNS` (``etiv_ml``) come after the participants columns,
+    before ``model_id`` and the features, when the QC table has them. Every join is on ``scan_id`` (the QC table's, and a per-scan table's file name
     ``<scan_id>.tsv``), never on (participant_id, session_id), which several runs of one session
     share. In memory: for large cohorts :func:`write_cohort` streams the same rows to disk.
 

@@ -108,7 +108,7 @@ def feature_sets_for(
         downsample=int(pca.get("downsample", 8)),
         seed=int(config.get("seed", 0)),
     )
-    column = config.get("brain_volume_column", "brain_volume_ml")
+    column = config.get("brain_volume_column", "etiv_ml")
     qc_column = next((c for c in qc_rows.columns if c == column or c.endswith(f".{column}")), None)
     if qc_column is not None:
         sets["brain_volume"] = brain_volume_feature(qc_rows, column=qc_column)

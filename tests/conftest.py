@@ -28,3 +28,17 @@ def quiet_trainer_kwargs(tmp_path):
         "enable_model_summary": False,
         "default_root_dir": str(tmp_path),
     }
+
+
+@pytest.fixture(scope="session")
+def real_head():
+    """Paths of mricron-data's ch2, ch2better, ch2bet and macaque volumes (see real_head.py).
+
+    Skips (with the one-line reason) where apt/dpkg or the download is unavailable.
+    """
+    from real_head import Unavailable, mricron_files
+
+    try:
+        return mricron_files()
+    except Unavailable as err:
+        pytest.skip(f"no real head: {err}")

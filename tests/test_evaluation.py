@@ -47,7 +47,7 @@ def test_feature_sets_align_with_ok_rows(tmp_path):
             "status": status,
             "reason": ["", "bad", "", "", ""],
             "scan_id": scans,
-            "metrics.brain_volume_ml": [1000.0, np.nan, 1100.0, 1200.0, 1300.0],
+            "metrics.etiv_ml": [1000.0, np.nan, 1100.0, 1200.0, 1300.0],
         }
     )
     cohort = qc[["participant_id", "session_id", "status", "reason"]].copy()

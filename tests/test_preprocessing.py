@@ -147,9 +147,9 @@ def test_registration_brings_a_moved_head_back_to_the_template(tmp_path):
     mapped = np.array([tx.apply_to_point(tuple(FLIP @ p)) for p in LANDMARKS]) @ FLIP
     errors = np.linalg.norm(mapped - apply(truth, LANDMARKS), axis=1)
     assert errors.mean() < 2.0, errors
-    # Brain volume = template mask volume x the determinant of the recovered scaling.
-    expected_ml = 1883.0 * np.prod([0.95, 0.92, 0.97])
-    assert record["metrics"]["brain_volume_ml"] == pytest.approx(expected_ml, rel=0.03)
+    # eTIV = FreeSurfer's 1948.106 ml x the determinant of the recovered scaling.
+    expected_ml = 1948.106 * np.prod([0.95, 0.92, 0.97])
+    assert record["metrics"]["etiv_ml"] == pytest.approx(expected_ml, rel=0.03)
 
 
 def test_transform_file_round_trip_matches_itk_convention(tmp_path):
@@ -311,7 +311,7 @@ def test_outputs_and_record(tmp_path, head_2mm):
     assert record["steps"]["registration"]["applied"] is False
     for key in (
         "registration_similarity",
-        "brain_volume_ml",
+        "etiv_ml",
         "mask_volume_ml",
         "foreground_fraction",
     ):
@@ -350,24 +350,23 @@ def test_qc_flags_follow_the_thresholds():
     qc = merge_config()["qc"]
     good = {
         "registration_similarity": 0.9,
-        "brain_volume_ml": 1400.0,
+        "etiv_ml": 1400.0,
         "outside_fov_fraction": 0.0,
         "intensity": {"p99_over_p50": 1.5},
     }
     assert qc_flags(good, qc) == []
     bad = {
         "registration_similarity": 0.12,
-        "brain_volume_ml": 5000.0,
+        "etiv_ml": 5000.0,  # a covariate: never a flag
         "outside_fov_fraction": 0.2,
         "intensity": {"p99_over_p50": 40.0},
     }
     assert qc_flags(bad, qc) == [
         "registration similarity 0.12 below threshold 0.5",
-        "implausible brain volume 5000 ml (allowed 900-2600 ml)",
         "20% of the brain mask is outside the field of view (allowed 5%)",
         "extreme intensity statistics: in-brain p99/p50 40.00 (allowed 1.05-10)",
     ]
-    off = {**qc, "min_similarity": None, "brain_volume_ml": None, "max_outside_fov_fraction": None}
+    off = {**qc, "min_similarity": None, "max_outside_fov_fraction": None}
     assert qc_flags(bad, {**off, "intensity_p99_over_p50": None}) == []
 
 
@@ -424,6 +423,7 @@ def test_demo_cohort_registers_with_the_true_head_size(tmp_path):
     import pandas as pd
 
     from nidl_dino.demo import make_demo_dataset
+    from nidl_dino.demo.anatomy import load_template
 
     make_demo_dataset(tmp_path / "bids", n_subjects=6, n_bad=2, seed=5)
     manifest = pd.read_csv(tmp_path / "bids" / "demo_manifest.tsv", sep="\t", keep_default_na=False)
@@ -435,7 +435,9 @@ def test_demo_cohort_registers_with_the_true_head_size(tmp_path):
             assert record["status"] == "excluded"
             continue
         assert record["status"] == "ok", (row.participant_id, record["reason"])
-        assert record["metrics"]["brain_volume_ml"] == pytest.approx(row.icv_ml, rel=0.05)
+        # The demo's heads are its template's brain mask scaled by head_scale (icv_ml).
+        scale = row.icv_ml / load_template().brain_ml
+        assert record["metrics"]["etiv_ml"] == pytest.approx(1948.106 * scale, rel=0.05)
 
 
 def test_template_is_nilearns_mni152_and_mask():

@@ -435,13 +435,13 @@ def test_volume_reading_errors_name_the_file(tmp_path):
 
 
 def test_brain_volume_feature():
-    qc = pd.DataFrame({"brain_volume_ml": [1100.0, 1250.5], "tiv": [1500, 1600]})
+    qc = pd.DataFrame({"etiv_ml": [1100.0, 1250.5], "tiv": [1500, 1600]})
     assert brain_volume_feature(qc).tolist() == [[1100.0], [1250.5]]
     assert brain_volume_feature(qc, column="tiv").shape == (2, 1)
     with pytest.raises(UserError, match="no column 'volume'.*probes.brain_volume_column"):
         brain_volume_feature(qc, column="volume")
-    qc.loc[1, "brain_volume_ml"] = np.nan
-    with pytest.raises(UserError, match="'brain_volume_ml' is missing"):
+    qc.loc[1, "etiv_ml"] = np.nan
+    with pytest.raises(UserError, match="'etiv_ml' is missing"):
         brain_volume_feature(qc)
 
 

@@ -63,7 +63,7 @@ def _make_inputs(folder: Path, *, site: bool = True, age: bool = True) -> dict:
             "reason": ["", "", EXCLUDED_REASON, ""],
             "scan_id": [f"{s}_ses-1" for s in subjects],
             "metrics.registration_similarity": [0.91, 0.88, 0.12, 0.93],
-            "metrics.brain_volume_ml": [1450.2, 1380.0, np.nan, 1512.7],
+            "metrics.etiv_ml": [1450.2, 1380.0, np.nan, 1512.7],
         }
     )
     qc.to_csv(folder / "qc.tsv", sep="\t", index=False, na_rep="n/a")

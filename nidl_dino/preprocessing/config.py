@@ -30,6 +30,13 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # Intermediate resolution (mm) of the images that N4 and the registration see: the native
     # volume is block-averaged to it. Coarser is faster and smoother, finer is slower.
     "working_spacing_mm": 4.0,
+    # Inputs already skull-stripped (many shared datasets): auto | true | false. auto calls an
+    # input skull-stripped when its foreground (above Otsu's threshold) is smaller than
+    # 1.25 x its eTIV (a whole head with scalp and skull: 1.5-2.5 x; a brain alone: about 0.9).
+    # A skull-stripped scan takes its normalisation statistics from its own brain voxels only
+    # (inside the mask, not the zeros around the brain), so that it matches the whole-head
+    # acquisition of the same head.
+    "skull_stripped": "auto",
     "bias_correction": {
         # N4 (ANTs). Off: intensity inhomogeneity (tens of % across the head at 3 T) stays in
         # the volume and the intensity normalisation only removes a global scale.
@@ -100,8 +107,6 @@ DEFAULT_CONFIG: dict[str, Any] = {
         # Automatic exclusion thresholds; null turns a check off.
         # Pearson correlation with the template inside its brain mask, at working resolution.
         "min_similarity": 0.5,
-        # Template brain mask carried to the subject (volume times the registration's scaling).
-        "brain_volume_ml": [900.0, 2600.0],
         # Fraction of the brain mask falling outside the input field of view (cut-off brain).
         "max_outside_fov_fraction": 0.05,
         # In-mask 99th over 50th percentile: ~1.2-2 for T1w; near 1 is flat, large is spiky.
@@ -133,8 +138,19 @@ def merge_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     return merged
 
 
+#: Keys that existed once, with what to do instead (a clearer error than "unknown").
+_REMOVED = {
+    "preprocessing.qc.brain_volume_ml": (
+        "was removed: the template's brain mask times the registration's scaling measured the "
+        "template, not the subject; the head size is now the metrics.etiv_ml covariate (no bound)"
+    ),
+}
+
+
 def _merge_into(base: dict, update: Mapping, path: str) -> None:
     for key, value in update.items():
+        if f"{path}.{key}" in _REMOVED:
+            raise UserError(f"config key {path}.{key} {_REMOVED[f'{path}.{key}']}; delete it")
         if key not in base:
             known = ", ".join(sorted(base))
             raise UserError(f"config key {path}.{key} is unknown; expected one of: {known}")
@@ -150,6 +166,8 @@ def _check(cfg: dict) -> None:
     def fail(key: str, message: str) -> None:
         raise UserError(f"config key preprocessing.{key} {message}")
 
+    if cfg["skull_stripped"] not in ("auto", True, False):
+        fail("skull_stripped", "must be auto, true or false")
     if cfg["registration"]["type"] not in _TRANSFORMS:
         fail("registration.type", f"must be one of {', '.join(_TRANSFORMS)}")
     if cfg["normalization"]["method"] not in _METHODS:

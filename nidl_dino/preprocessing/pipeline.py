@@ -42,7 +42,11 @@ from nidl_dino.preprocessing.qc import (
     save_text_png,
     similarity_to_template,
 )
-from nidl_dino.preprocessing.registration import register_to_template, scaling_determinant
+from nidl_dino.preprocessing.registration import (
+    etiv_ml,
+    register_to_template,
+    scaling_determinant,
+)
 from nidl_dino.preprocessing.resample import (
     block_average,
     block_factors,
@@ -50,7 +54,6 @@ from nidl_dino.preprocessing.resample import (
     output_grid,
     resample_to_grid,
 )
-from nidl_dino.preprocessing.template import brain_volume_ml_1mm
 from nidl_dino.preprocessing.validate import describe_input, validate_image
 
 TEMPLATE_NAME = "MNI152 ICBM 2009 T1, skull-stripped (nilearn.datasets.load_mni152_template)"
@@ -262,24 +265,53 @@ def _process(in_file: Path, cfg: dict[str, Any], record: dict[str, Any]) -> _Pro
     metrics["registration_similarity"] = round(
         similarity_to_template(work, work_affine, transform, working), 4
     )
-    metrics["brain_volume_ml"] = round(brain_volume_ml_1mm() * scaling_determinant(transform), 1)
+    # Head size as FreeSurfer's eTIV (a covariate; not checked: it measures the transform).
+    metrics["etiv_ml"] = round(etiv_ml(transform), 1)
     metrics["mask_volume_ml"] = round(float(mask.sum() * voxel_ml), 1) if msk["enabled"] else None
     metrics["outside_fov_fraction"] = round(float(1.0 - in_fov[brain].mean()), 4)
     metrics["intensity"] = intensity_stats(volume, brain & in_fov)
     steps["mask"] = {**msk, "applied": bool(msk["enabled"]), "source": "template > 0.2, dilated"}
     clock.lap("mask_qc")
 
+    stripped, ratio = _skull_stripped(cfg["skull_stripped"], head, work_affine, transform)
+    steps["skull_stripped"] = {
+        "setting": cfg["skull_stripped"],
+        "detected": stripped,
+        "foreground_over_etiv": round(ratio, 3),
+    }
     norm = cfg["normalization"]
     # Voxels outside the input's field of view are zeros of the padding, not intensities.
     stats_mask = mask & in_fov if msk["enabled"] else in_fov
     if not stats_mask.any():
         raise ScanRejected("the brain mask lies entirely outside the field of view", str(in_file))
+    if stripped:
+        # The zeros around a stripped brain are not intensities either: statistics over the
+        # subject's own brain voxels, like the brain tissue that dominates a whole head's mask.
+        # Above 10 % of the in-mask 99th percentile: drops the zeros and the voxels that
+        # interpolation blends with them at the brain's cut edge (CSF is 15-30 % of it in T1w).
+        own = stats_mask & (volume > 0.1 * np.percentile(volume[stats_mask], 99))
+        stats_mask = own if own.any() else stats_mask
     volume, used = normalize_intensity(volume, stats_mask, norm)
     if msk["enabled"] and not msk["keep_head"]:
         volume[~mask] = 0.0
     steps["normalization"] = {**norm, "applied": norm["method"] != "none", "statistics": used}
     clock.lap("normalization")
     return _Processed(volume, grid_affine, transform)
+
+
+#: Foreground over eTIV below which ``skull_stripped: auto`` calls an input skull-stripped.
+SKULL_STRIPPED_MAX_RATIO = 1.25
+
+
+def _skull_stripped(
+    setting: str | bool, head: np.ndarray, work_affine: np.ndarray, transform: np.ndarray
+) -> tuple[bool, float]:
+    """Whether to treat the input as skull-stripped, and its foreground volume over its eTIV."""
+    head_ml = float(head.sum()) * abs(np.linalg.det(work_affine[:3, :3])) / 1000.0
+    ratio = head_ml / etiv_ml(transform)
+    if setting == "auto":
+        return bool(ratio < SKULL_STRIPPED_MAX_RATIO), ratio
+    return bool(setting), ratio
 
 
 def _write_volume(processed: _Processed, path: Path) -> None:

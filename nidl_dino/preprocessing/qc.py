@@ -56,6 +56,86 @@ def similarity_to_template(
     return float((x * y).sum() / denominator) if denominator > 0 else 0.0
 
 
+def _moved_in_brain(data, affine, template_to_subject, working_spacing_mm, head=None):
+    """Subject and template values inside the template brain within the field of view."""
+    tpl, tpl_affine = template_at(working_spacing_mm)
+    moved = resample_to_grid(data, affine, tpl.shape, tpl_affine, template_to_subject, order=1)
+    inside = (tpl > BRAIN_THRESHOLD) & inside_fov(
+        tpl.shape, tpl_affine, data.shape, affine, template_to_subject
+    )
+    in_head = None
+    if head is not None:
+        mapped = resample_to_grid(
+            head.astype(np.float32), affine, tpl.shape, tpl_affine, template_to_subject, order=1
+        )
+        in_head = mapped[inside] > 0.5
+    return moved[inside].astype(np.float64), tpl[inside].astype(np.float64), in_head
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if x.size < 2:
+        return 0.0
+    x = x - x.mean()
+    y = y - y.mean()
+    denominator = float(np.sqrt((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / denominator) if denominator > 0 else 0.0
+
+
+def robust_standardise(values: np.ndarray, percentiles=(2.0, 98.0)) -> np.ndarray:
+    """Clip values to their own percentiles (2nd-98th by default): outliers weigh no more."""
+    if values.size == 0:
+        return values
+    lo, hi = np.percentile(values, percentiles)
+    return np.clip(values, lo, hi)
+
+
+def normalised_mutual_information(x: np.ndarray, y: np.ndarray, bins: int = 32) -> float:
+    """Studholme's NMI ``(H(X) + H(Y)) / H(X, Y)``: 1 for independent, 2 for identical."""
+    if x.size < 2:
+        return 1.0
+    joint, _, _ = np.histogram2d(x, y, bins=bins)
+    joint /= joint.sum()
+
+    def entropy(p):
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    h_xy = entropy(joint)
+    return (entropy(joint.sum(axis=1)) + entropy(joint.sum(axis=0))) / h_xy if h_xy > 0 else 1.0
+
+
+def qc_measures(
+    data: np.ndarray,
+    affine: np.ndarray,
+    head: np.ndarray,
+    template_to_subject: np.ndarray,
+    cfg: dict[str, Any],
+) -> dict[str, float]:
+    """Candidate registration QC measures (the calibration benchmark compares them by ROC).
+
+    Args:
+        data: working-resolution subject image (bias-corrected), shape (X, Y, Z).
+        affine: its 4x4 affine (subject RAS+ mm).
+        head: boolean head foreground of ``data``.
+        template_to_subject: 4x4 world matrix, template to subject RAS+ mm.
+        cfg: the merged preprocessing config (``working_spacing_mm``).
+
+    Returns:
+        ``pearson`` (correlation inside the template brain), ``robust`` (the same after
+        :func:`robust_standardise` of the subject), ``nmi`` (:func:`normalised_mutual_information`)
+        and ``overlap`` (fraction of the template brain inside the subject's head foreground).
+    """
+    x, y, in_head = _moved_in_brain(
+        data, affine, template_to_subject, float(cfg["working_spacing_mm"]), head
+    )
+    return {
+        "pearson": _pearson(x, y),
+        "robust": _pearson(robust_standardise(x), y),
+        "nmi": normalised_mutual_information(x, y),
+        "overlap": float(in_head.mean()) if in_head is not None and in_head.size else 0.0,
+    }
+
+
 def intensity_stats(data: np.ndarray, mask: np.ndarray) -> dict[str, float | None]:
     """Intensity statistics inside a mask: percentiles 1/50/99, mean, std, min, max, p99/p50.
 
@@ -95,7 +175,7 @@ def qc_flags(metrics: dict[str, Any], qc: dict[str, Any]) -> list[str]:
     """Reasons to exclude a processed scan, one short sentence each; empty when it passes.
 
     Args:
-        metrics: the record's ``metrics`` (``registration_similarity``, ``brain_volume_ml``,
+        metrics: the record's ``metrics`` (``registration_similarity``,
             ``outside_fov_fraction``, ``intensity`` stats inside the brain).
         qc: the ``qc`` config section; a None threshold is not checked.
     """
@@ -104,11 +184,6 @@ def qc_flags(metrics: dict[str, Any], qc: dict[str, Any]) -> list[str]:
     if qc["min_similarity"] is not None and similarity < float(qc["min_similarity"]):
         flags.append(
             f"registration similarity {similarity:.2f} below threshold {qc['min_similarity']:g}"
-        )
-    volume, bounds = metrics["brain_volume_ml"], qc["brain_volume_ml"]
-    if volume is not None and _outside(volume, bounds):
-        flags.append(
-            f"implausible brain volume {volume:.0f} ml (allowed {bounds[0]:g}-{bounds[1]:g} ml)"
         )
     outside, limit = metrics["outside_fov_fraction"], qc["max_outside_fov_fraction"]
     if limit is not None and outside > float(limit):

@@ -90,6 +90,29 @@ def register_to_template(
         return ants_transform_to_ras(ants.read_transform(initial))
 
 
+#: FreeSurfer's eTIV scale factor (ml): the intracranial volume of a head whose transform to
+#: MNI305 has determinant 1 (``eTIV = 1948.106 cm3 / det(talairach.xfm)``, ``mri_segstats``;
+#: the method of Buckner et al. 2004, NeuroImage 23:724-738, "A unified approach for morphometric
+#: and functional data analysis in young, old, and demented adults using automated atlas-based
+#: head size normalization: reliability and validation against manual measurement of total
+#: intracranial volume"). MNI152 2009 was built by 9-parameter registration to MNI305, so a
+#: transform to it has the same scale. Heads in MNI space are larger than real ones: an average
+#: adult's transform to MNI has a determinant of about 1.2-1.35, so it reads about 1450-1600 ml.
+ETIV_SCALE_ML = 1948.106
+
+
 def scaling_determinant(template_to_subject: np.ndarray) -> float:
     """Volume ratio subject/template of a world transform: ``|det|`` of its linear part."""
     return float(abs(np.linalg.det(template_to_subject[:3, :3])))
+
+
+def etiv_ml(template_to_subject: np.ndarray) -> float:
+    """Estimated total intracranial volume (ml) from the affine, as FreeSurfer's eTIV.
+
+    ``eTIV = ETIV_SCALE_ML * |det(A)|`` with ``A`` the linear part of the template-to-subject
+    transform (the inverse of FreeSurfer's subject-to-MNI305 ``talairach.xfm``, hence the
+    product instead of the quotient). A head-size covariate, not a segmentation: it measures how
+    much the template had to be scaled, so it is only meaningful for a successful registration
+    and no volume bound is applied to it.
+    """
+    return ETIV_SCALE_ML * scaling_determinant(template_to_subject)
