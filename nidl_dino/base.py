@@ -15,9 +15,6 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-# Keywords that configure the estimator itself rather than the Trainer.
-_ESTIMATOR_KEYWORDS = ("random_state", "save_hparams", "ignore", "inference_precision")
-
 
 class NotFittedError(ValueError, AttributeError):
     """Raised when ``transform`` is called on an estimator that was neither fitted nor loaded."""

@@ -84,9 +84,6 @@ DEFAULT_VIEWS_CONFIG: dict[str, Any] = {
     },
 }
 
-_VIEW_KINDS = ("global_1", "global_2", "local")
-
-
 class RandResizedCrop3d(Randomizable, Transform):
     """Random crop of a random fraction of the volume, with aspect jitter, resized to ``size``.
 

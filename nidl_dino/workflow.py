@@ -272,13 +272,3 @@ def write_scan_cache(config: Mapping[str, Any], scans) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def load_yaml(path: str | os.PathLike) -> dict:
-    """Read a YAML file, with a one-line error naming it when it is not valid YAML."""
-    try:
-        return yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}{where}: not valid YAML: fix the syntax") from None

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from nidl_dino.errors import UserError
-from nidl_dino.features import cohort_table
+from nidl_dino.cohort import cohort_table
 from nidl_dino.preprocessing.config import merge_config
 from nidl_dino.preprocessing.registration import etiv_ml
 
@@ -39,6 +39,7 @@ def test_cohort_table_carries_etiv_after_participant_columns(tmp_path):
         {
             "participant_id": ["sub-01", "sub-02"],
             "session_id": ["", ""],
+            "scan_id": ["sub-01", "sub-02"],
             "status": ["ok", "excluded"],
             "reason": ["", "bad"],
             "metrics.registration_similarity": [0.9, np.nan],
@@ -46,11 +47,12 @@ def test_cohort_table_carries_etiv_after_participant_columns(tmp_path):
         }
     )
     features = tmp_path / "sub-01.tsv"
-    features.write_text("participant_id\tsession_id\tmodel\tfeature_0000\nsub-01\t\tm\t0.5\n")
+    features.write_text("participant_id\tsession_id\tmodel_id\tfeature_0000\nsub-01\t\tm\t0.5\n")
     participants = pd.DataFrame({"participant_id": ["sub-01", "sub-02"], "age": [30, 40]})
     table = cohort_table(qc, [features], participants)
-    assert list(table.columns[:7]) == [
-        "participant_id", "session_id", "status", "reason", "age", "etiv_ml", "model"
+    assert list(table.columns[:8]) == [
+        "participant_id", "session_id", "scan_id", "status", "reason", "age", "etiv_ml",
+        "model_id",
     ]  # fmt: skip
     assert table["etiv_ml"].iloc[0] == 1523.4 and np.isnan(table["etiv_ml"].iloc[1])
     assert "registration_similarity" not in table.columns

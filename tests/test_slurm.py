@@ -38,7 +38,7 @@ CONFIG = [
     'dino={"proj_hidden_dim": 32, "proj_bottleneck_dim": 16, "proj_output_dim": 64}',
     f'trainer={{"max_epochs": {MAX_EPOCHS}, "accelerator": "cpu"}}',
     'probes={"n_splits": 2, "n_repeats": 1, "inner_splits": 2, "pca": {"n_components": 1}}',
-    'resources={"preprocess": {"mem_mb": 1000}, "train": {"mem_mb": 2000, "threads": 1},'
+    'resources={"preprocess": {"mem_mb": 1000, "threads": 2}, "train": {"mem_mb": 2000, "threads": 1},'
     ' "extract": {"mem_mb": 2000, "threads": 1}}',
 ]
 # Documented profile overrides: this cluster's CPU partition is "debug" (its GPU one is "gpu", as
