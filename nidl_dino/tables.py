@@ -56,8 +56,8 @@ def qc_table(records: Iterable[dict]) -> pd.DataFrame:
     for column in QC_LEADING_COLUMNS:
         if column not in table.columns:
             table[column] = ""
-    table["session_id"] = table["session_id"].fillna("").astype(str)
-    table["reason"] = table["reason"].fillna("").astype(str)
+    for column in ("session_id", "reason"):  # text, empty when missing (any dtype pandas chose)
+        table[column] = ["" if pd.isna(v) else str(v) for v in table[column]]
     rest = [c for c in table.columns if c not in QC_LEADING_COLUMNS]
     return table[QC_LEADING_COLUMNS + rest]
 
