@@ -178,7 +178,7 @@ def write_subject_tables(
         table = pd.DataFrame([vector], columns=columns)
         table.insert(0, "scan_id", row.scan_id)
         table.insert(0, "model_id", model_id)
-        table.insert(0, "session_id", row.session_id or "")
+        table.insert(0, "session_id", "" if pd.isna(row.session_id) else row.session_id)
         table.insert(0, "participant_id", row.participant_id)
         path = out_dir / f"{row.scan_id}.tsv"
         write_table_atomic(table, path)
