@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from nidl_dino.base import BaseEstimator, TransformerMixin
 from nidl_dino.head import DINOProjectionHead
 from nidl_dino.importing import import_object, import_path_of, is_import_path
+from nidl_dino.koleo import koleo_loss
 from nidl_dino.loss import DINOLoss
 from nidl_dino.schedules import WarmupCosineLR, cosine_schedule
 
@@ -95,6 +96,12 @@ class DINO(TransformerMixin, BaseEstimator):
         lr_scheduler_kwargs: options for the scheduler, merged over {"warmup_epochs": 10,
             "warmup_start_lr": 1e-6, "min_lr": 0.0, "interval": "step"}; "interval" and
             "frequency" go to Lightning.
+        koleo_weight: weight of the KoLeo regulariser on the student's global-view backbone
+            features (:func:`nidl_dino.koleo.koleo_loss`; DINOv2 uses 0.1); 0 disables it. An
+            addition to nidl's parameters.
+        teacher_centering: ``"center"`` (DINO's EMA centring) or ``"sinkhorn_knopp"``
+            (DINOv2's teacher targets, see :class:`DINOLoss`). An addition to nidl's parameters.
+        sinkhorn_iterations: Sinkhorn-Knopp iterations when ``teacher_centering`` uses them.
         **kwargs: ``random_state`` (int or None), ``save_hparams`` (bool, default True),
             ``ignore`` (hyperparameter names not to save), ``inference_precision`` (precision of
             ``transform``, default ``"32-true"`` whatever the training precision), and any
@@ -145,6 +152,9 @@ class DINO(TransformerMixin, BaseEstimator):
         optimizer_kwargs: dict[str, Any] | None = None,
         lr_scheduler: Any = "warmup_cosine",
         lr_scheduler_kwargs: dict[str, Any] | None = None,
+        koleo_weight: float = 0.0,
+        teacher_centering: str = "center",
+        sinkhorn_iterations: int = 3,
         **kwargs: Any,
     ):
         random_state = kwargs.pop("random_state", None)
@@ -227,7 +237,12 @@ class DINO(TransformerMixin, BaseEstimator):
             teacher_temp=teacher_temperature,
             warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
             student_temp=student_temperature,
+            centering=teacher_centering,
+            sinkhorn_iterations=sinkhorn_iterations,
         )
+        if not float(koleo_weight) >= 0.0:
+            raise ValueError(f"DINO: koleo_weight must be >= 0, got {koleo_weight}")
+        self.koleo_weight = float(koleo_weight)
         self._ema_step = 0  # optimizer steps already folded into the teacher (derived, see hooks)
         self._total_steps: int | None = None
 
@@ -285,13 +300,20 @@ class DINO(TransformerMixin, BaseEstimator):
 
     def forward_student(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
         """Student outputs (n_views, B, K): backbone once per resolution, head once on all."""
+        return self._student_pass(views)[0]
+
+    def _student_pass(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student head outputs (n_views, B, K) and backbone features of the global views
+        (n_global, B, F)."""
         n_global = self.num_large_crops
         groups = [views[:n_global]]
         if len(views) > n_global:
             groups.append(views[n_global:])
         features = torch.cat([self.student(torch.cat(list(g))) for g in groups])
         out = self.student_head(features)
-        return out.view(len(views), -1, out.shape[-1])
+        batch = views[0].shape[0]
+        global_features = features[: n_global * batch].view(n_global, batch, -1)
+        return out.view(len(views), -1, out.shape[-1]), global_features
 
     @torch.no_grad()
     def forward_teacher(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -314,7 +336,7 @@ class DINO(TransformerMixin, BaseEstimator):
             {"loss": scalar, "z_student": (n_views, B, K), "z_teacher": (2, B, K), "y": Y}.
         """
         views, y = self.parse_batch(batch)
-        z_student = self.forward_student(views)
+        z_student, student_features = self._student_pass(views)
         z_teacher = self.forward_teacher(views)
         batch_size = views[0].shape[0]
         # Before the loss call, which moves the centre: the teacher distribution the loss sees.
@@ -323,6 +345,10 @@ class DINO(TransformerMixin, BaseEstimator):
             batch_size=batch_size,
         )
         loss = self.loss(z_teacher, z_student, epoch=self.current_epoch)
+        if self.koleo_weight > 0:
+            koleo = torch.stack([koleo_loss(f) for f in student_features]).mean()
+            self.log("train/koleo", koleo.detach(), batch_size=batch_size)
+            loss = loss + self.koleo_weight * koleo
         self.log(
             "train/loss",
             loss,
@@ -369,7 +395,7 @@ class DINO(TransformerMixin, BaseEstimator):
         Args and returns as :meth:`training_step`.
         """
         views, y = self.parse_batch(batch)
-        z_student = self.forward_student(views)
+        z_student, student_features = self._student_pass(views)
         z_teacher = self.forward_teacher(views)
         loss = self.loss(z_teacher, z_student, epoch=self.current_epoch, update_center=False)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=views[0].shape[0])

@@ -13,6 +13,10 @@ def _float32(ref: torch.Tensor) -> torch.autocast:
     return torch.autocast(device_type=ref.device.type, enabled=False)
 
 
+#: Teacher-target methods of :class:`DINOLoss`.
+CENTERINGS = ("center", "sinkhorn_knopp")
+
+
 class DINOLoss(nn.Module):
     """DINO loss (Caron et al., ICCV 2021), with the interface of nidl's ``DINOLoss``.
 
@@ -37,6 +41,13 @@ class DINOLoss(nn.Module):
         warmup_teacher_temp_epochs: number of epochs of the linear warm-up (0: none).
         student_temp: student temperature.
         center_momentum: EMA coefficient of the centre.
+        centering: how the teacher's targets are made from its outputs (an addition to nidl's
+            interface, keyword only): ``"center"`` (DINO: subtract the EMA centre, then a
+            sharpened softmax) or ``"sinkhorn_knopp"`` (SwAV's and DINOv2's: the batch's targets
+            are rescaled by Sinkhorn-Knopp iterations so that every prototype gets the same
+            share of the batch, Caron et al. NeurIPS 2020; Oquab et al. TMLR 2024). The centre
+            is still updated (the collapse monitors read it) but does not enter the targets.
+        sinkhorn_iterations: Sinkhorn-Knopp iterations (DINOv2 uses 3).
 
     Attributes:
         center: buffer of shape (1, 1, K), zeros at construction.
@@ -57,8 +68,17 @@ class DINOLoss(nn.Module):
         warmup_teacher_temp_epochs: int = 30,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
+        *,
+        centering: str = "center",
+        sinkhorn_iterations: int = 3,
     ):
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"DINOLoss: centering must be one of {CENTERINGS}, got {centering!r}")
+        if int(sinkhorn_iterations) < 1:
+            raise ValueError(
+                f"DINOLoss: sinkhorn_iterations must be >= 1, got {sinkhorn_iterations}"
+            )
         if int(output_dim) < 1:
             raise ValueError(f"DINOLoss: output_dim must be >= 1, got {output_dim}")
         if int(warmup_teacher_temp_epochs) < 0:
@@ -80,6 +100,8 @@ class DINOLoss(nn.Module):
         self.warmup_teacher_temp_epochs = int(warmup_teacher_temp_epochs)
         self.student_temp = float(student_temp)
         self.center_momentum = float(center_momentum)
+        self.centering = centering
+        self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.register_buffer("center", torch.zeros(1, 1, self.output_dim))
         self.teacher_temp_schedule = torch.linspace(
             self.warmup_teacher_temp, self.teacher_temp, self.warmup_teacher_temp_epochs
@@ -160,8 +182,33 @@ class DINOLoss(nn.Module):
         """
         temp = self.teacher_temperature(epoch)
         with _float32(teacher_out):
+            if self.centering == "sinkhorn_knopp":
+                return self._sinkhorn_knopp(teacher_out.detach().float() / temp)
             centred = teacher_out.detach().float() - self.center.float()
             return F.softmax(centred / temp, dim=-1)
+
+    def _sinkhorn_knopp(self, logits: torch.Tensor) -> torch.Tensor:
+        """Targets whose prototypes share the batch equally and whose rows sum to 1.
+
+        In the log domain (teacher temperatures of 0.01 overflow ``exp``): alternately make
+        every prototype's total mass 1/K and every sample's 1/N, over the samples of all
+        processes under ``torch.distributed``; then rescale the rows to sum to 1.
+        """
+        shape = logits.shape
+        log_q = logits.reshape(-1, shape[-1])  # (N, K)
+        n_local, k = log_q.shape
+        n_total = torch.tensor(float(n_local), device=log_q.device)
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            dist.all_reduce(n_total)
+        log_q = log_q - _global_logsumexp(log_q.flatten(), 0, distributed)
+        log_k = torch.log(torch.tensor(float(k), device=log_q.device))
+        for _ in range(self.sinkhorn_iterations):
+            # each prototype (column) to a total of 1/K, over every process's samples
+            log_q = log_q - _global_logsumexp(log_q, 0, distributed) - log_k
+            # each sample (row) to 1/N
+            log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - torch.log(n_total)
+        return (log_q + torch.log(n_total)).exp().reshape(shape)
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
@@ -186,3 +233,15 @@ class DINOLoss(nn.Module):
             f"->{self.teacher_temp} over {self.warmup_teacher_temp_epochs} epochs, "
             f"student_temp={self.student_temp}, center_momentum={self.center_momentum}"
         )
+
+
+def _global_logsumexp(values: torch.Tensor, dim: int, distributed: bool) -> torch.Tensor:
+    """logsumexp along ``dim`` over this process's values and, under torch.distributed, all
+    processes' (the values along ``dim`` are samples, split across processes)."""
+    if not distributed:
+        return torch.logsumexp(values, dim=dim)
+    top = values.amax(dim=dim).detach().clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    total = (values - top.unsqueeze(dim)).exp().sum(dim=dim)
+    dist.all_reduce(total)
+    return top + total.log()

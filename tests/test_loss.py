@@ -115,3 +115,45 @@ def test_loss_rejects_bad_shapes():
         loss_fn(torch.randn(2, 2, 4), torch.randn(3, 3, 4))
     with pytest.raises(ValueError, match="n_global_views"):
         loss_fn(torch.randn(2, 4), torch.randn(3, 2, 4))
+
+
+def _sinkhorn_by_hand(scores, iterations):
+    """SwAV's Sinkhorn-Knopp written plainly (float64): Q = exp(scores), columns then rows."""
+    q = torch.exp(scores.double() - scores.double().max())
+    q = q / q.sum()
+    n, k = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(dim=0, keepdim=True) / k
+        q = q / q.sum(dim=1, keepdim=True) / n
+    return q * n
+
+
+def test_sinkhorn_knopp_targets_match_the_plain_algorithm_and_balance_prototypes():
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 6, 5, generator=gen)
+    loss_fn = DINOLoss(output_dim=5, warmup_teacher_temp_epochs=0, teacher_temp=0.5,
+                       centering="sinkhorn_knopp", sinkhorn_iterations=3)  # fmt: skip
+    targets = loss_fn.teacher_probs(teacher)
+    expected = _sinkhorn_by_hand(teacher.reshape(-1, 5) / 0.5, 3).reshape(2, 6, 5)
+    torch.testing.assert_close(targets.double(), expected, rtol=1e-5, atol=1e-7)
+    rows = targets.reshape(-1, 5)
+    torch.testing.assert_close(rows.sum(dim=1), torch.ones(12), rtol=1e-5, atol=1e-6)
+    # many iterations: every prototype gets about the same share of the batch
+    many = DINOLoss(output_dim=5, warmup_teacher_temp_epochs=0, teacher_temp=0.5,
+                    centering="sinkhorn_knopp", sinkhorn_iterations=50)  # fmt: skip
+    shares = many.teacher_probs(teacher).reshape(-1, 5).sum(dim=0) / 12
+    torch.testing.assert_close(shares, torch.full((5,), 0.2), rtol=1e-3, atol=1e-4)
+
+
+def test_sinkhorn_knopp_is_finite_at_sharp_temperatures_and_ignores_the_centre():
+    teacher = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(1)) * 5
+    loss_fn = DINOLoss(output_dim=16, warmup_teacher_temp_epochs=0, teacher_temp=0.01,
+                       centering="sinkhorn_knopp")  # fmt: skip
+    before = loss_fn.teacher_probs(teacher)
+    assert torch.isfinite(before).all()
+    loss_fn.center.fill_(3.0)
+    torch.testing.assert_close(loss_fn.teacher_probs(teacher), before)
+    loss = loss_fn(teacher, torch.randn(4, 4, 16, generator=torch.Generator().manual_seed(2)))
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="centering"):
+        DINOLoss(output_dim=4, centering="mean")
