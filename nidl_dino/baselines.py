@@ -152,3 +152,91 @@ def brain_volume_feature(qc_table: pd.DataFrame, column: str = "etiv_ml") -> np.
             f"(e.g. row {qc_table.index[missing.argmax()]!r}); drop those scans before probing"
         )
     return values.to_numpy(dtype=float).reshape(-1, 1)
+
+
+#: Columns of :func:`tissue_class_features`, CSF, grey and white matter by increasing T1w mean.
+TISSUE_COLUMNS = ("csf_fraction", "gm_fraction", "wm_fraction", "csf_mean", "gm_mean", "wm_mean")
+
+
+def _template_brain(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """The registered template's brain (MNI152 above nilearn's brain threshold) on a grid."""
+    from nidl_dino.preprocessing.template import BRAIN_THRESHOLD, template_on_grid
+
+    return template_on_grid(tuple(int(s) for s in shape), affine) > BRAIN_THRESHOLD
+
+
+def brain_intensities(path: str | Path) -> np.ndarray:
+    """The preprocessed volume's intensities inside the template brain (1-D float32).
+
+    Raises:
+        UserError: an unreadable file or a volume that is not 3D.
+    """
+    try:
+        image = nib.load(path)
+    except (OSError, ImageFileError) as err:
+        raise UserError(f"{path}: cannot read as NIfTI ({err}); check the file") from err
+    volume = np.asarray(image.dataobj, dtype=np.float32)
+    if volume.ndim == 4 and volume.shape[3] == 1:
+        volume = volume[..., 0]
+    if volume.ndim != 3:
+        raise UserError(f"{path}: volume of shape {volume.shape}; expected a 3D volume")
+    values = volume[_template_brain(volume.shape, image.affine)]
+    return values[np.isfinite(values)]
+
+
+def intensity_histogram_features(
+    volume_paths: Sequence[str | Path], bins: int = 32, value_range: tuple[float, float] = (0, 1)
+) -> np.ndarray:
+    """The intensity-histogram baseline: the fraction of brain voxels in each intensity bin.
+
+    Ageing shifts the brain's intensity distribution (more CSF, less grey/white contrast), which
+    a histogram of the registered, normalised brain captures without any spatial model: a strong
+    age baseline for image features to beat.
+
+    Args:
+        volume_paths: preprocessed NIfTI files, in the cohort table's row order.
+        bins: number of equal-width bins over ``value_range`` (values outside go to the end bins).
+        value_range: the normalised intensity range (percentile normalisation: [0, 1]).
+
+    Returns:
+        Float array (len(volume_paths), bins), each row summing to 1.
+    """
+    edges = np.linspace(value_range[0], value_range[1], int(bins) + 1)
+    rows = []
+    for path in volume_paths:
+        values = np.clip(brain_intensities(path), value_range[0], value_range[1])
+        counts, _ = np.histogram(values, bins=edges)
+        rows.append(counts / max(1, counts.sum()))
+    return np.asarray(rows, dtype=float).reshape(len(rows), int(bins))
+
+
+def tissue_class_features(
+    volume_paths: Sequence[str | Path], max_voxels: int = 20000, seed: int = 0
+) -> np.ndarray:
+    """The tissue-class baseline: a 3-class Gaussian mixture of each brain's intensities.
+
+    The classes, ordered by mean T1w intensity, are CSF, grey and white matter; the features are
+    their fractions of the brain (the mixture weights: tissue volumes relative to the template
+    brain) and their mean intensities (grey/white contrast).
+
+    Args:
+        volume_paths: preprocessed NIfTI files, in the cohort table's row order.
+        max_voxels: the mixture is fitted on at most this many brain voxels (a seeded sample).
+        seed: seed of the voxel sample and the mixture's initialisation.
+
+    Returns:
+        Float array (len(volume_paths), 6), columns :data:`TISSUE_COLUMNS`.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for path in volume_paths:
+        values = brain_intensities(path).astype(np.float64)
+        if len(values) > max_voxels:
+            values = rng.choice(values, size=max_voxels, replace=False)
+        start = np.percentile(values, [15, 50, 85]).reshape(3, 1)  # CSF, GM, WM guesses
+        gmm = GaussianMixture(3, means_init=start, random_state=seed).fit(values.reshape(-1, 1))
+        order = np.argsort(gmm.means_.ravel())
+        rows.append([*gmm.weights_[order], *gmm.means_.ravel()[order]])
+    return np.asarray(rows, dtype=float).reshape(len(rows), len(TISSUE_COLUMNS))
