@@ -6,7 +6,7 @@ rule probe:
     input:
         cohort=f"{OUT}/features/cohort.parquet",
         qc=f"{OUT}/qc/qc.tsv",
-        teacher=f"{OUT}/model/teacher.pt",
+        teacher=TEACHER,
     output:
         scores=f"{OUT}/probes/scores.tsv",
         predictions=f"{OUT}/probes/predictions.tsv",
