@@ -69,8 +69,10 @@ def generated_by(code_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     }
     commit = git_commit(code_dir) if code_dir else None
     if commit:
+        # BIDS has no commit key in GeneratedBy: the version carries it (PEP 440 local part)
+        # and the description the full hash
         entry["Version"] = f"{__version__}+g{commit[:12]}"
-        entry["GitCommit"] = commit  # not a BIDS field; BIDS allows extra ones
+        entry["Description"] += f", git commit {commit}"
     return entry
 
 

@@ -170,9 +170,10 @@ def read_teacher(path: str | os.PathLike) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our file"
-        reason = " ".join(str(exc).split())[:160]
+        # torch's own message is a paragraph about weights_only: the exception's type says it
         raise UserError(
-            f"model.teacher {path} is damaged or not a nidl-dino teacher ({reason}): "
+            f"model.teacher {path} is damaged or not a nidl-dino teacher (not loadable as a "
+            f"weights-only PyTorch file: {type(exc).__name__}): "
             "give the teacher.pt written by a nidl-dino training run"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != TEACHER_FORMAT:
@@ -287,9 +288,7 @@ def model_card(
 def _dino_scores(scores: Any) -> list[dict[str, Any]] | None:
     if scores is None or not len(scores):
         return None
-    from nidl_dino.probes import DINO
-
-    rows = scores[scores["feature_set"] == DINO] if "feature_set" in scores else scores
+    rows = scores[scores["feature_set"] == "dino"] if "feature_set" in scores else scores
     keep = [c for c in ("target", "metric", "mean", "std", "n_samples") if c in rows]
     return json.loads(rows[keep].to_json(orient="records"))
 
@@ -378,7 +377,7 @@ def load_card(path: str | os.PathLike) -> dict[str, Any]:
             raise UserError(f"{path} is not a nidl-dino model card: give a model_card.json")
         return card
     beside = path.with_name("model_card.json")
-    if beside.is_file():
+    if path.is_file() and beside.is_file():
         card = load_card(beside)
         if card.get("file_sha256") == file_sha256(path):
             return card
@@ -436,7 +435,7 @@ def select_training_scans(
     selected = [s for s, k in zip(ids, keep, strict=True) if k]
     if not selected:
         raise UserError(
-            f"model.train_on selects no scan ({what} match none of the {len(ids)} scans): "
+            f"model.train_on selects no scan to train on ({what} selects none of the {len(ids)} scans): "
             "fix model.train_on"
         )
     return selected
