@@ -39,7 +39,9 @@ def test_dry_run_dag_without_sessions(tmp_path, bids):
         "extract": 1,
         "cohort": 1,
         "probe": 1,
+        "model_card": 1,
         "report": 1,
+        "dataset_description": 1,
         "all": 1,
     }
     assert "out/preproc/batches/batch-0001.tsv" in res.stdout

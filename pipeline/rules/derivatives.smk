@@ -10,6 +10,10 @@ rule dataset_description:
     output:
         description=f"{OUT}/dataset_description.json",
         bidsignore=f"{OUT}/.bidsignore",
+    log:
+        f"{OUT}/logs/dataset_description.log",
+    conda:
+        "../../envs/tables.yaml"
     params:
         bids_dir=config.get("bids_dir") or "",
         generated_by=generated_by(workflow.basedir),
