@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from test_model import check_bids_derivative_description
+
 from workflow_helpers import snakemake
 
 TINY = {
@@ -43,7 +43,8 @@ def _overlay(root: Path, name: str, bids: Path, **changes) -> Path:
 
 
 def _run(root: Path, overlay: Path, *args: str):
-    res = snakemake(root, "--cores", "2", "--configfile", str(overlay), *args)
+    # targets before --configfile, which takes every argument after it
+    res = snakemake(root, *args, "--cores", "2", "--configfile", str(overlay))
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout + res.stderr
 
