@@ -8,6 +8,10 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
+# Snakemake's own report (snakemake --report report.zip): results annotated with report().
+report: "pipeline/report/workflow.rst"
+
+
 # config.yaml of this checkout is the base; --configfile/--config overlay it.
 configfile: os.path.join(workflow.basedir, "config.yaml")
 

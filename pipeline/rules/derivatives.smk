@@ -27,7 +27,11 @@ rule model_card:
         scores=f"{OUT}/probes/scores.tsv",
     output:
         json=f"{OUT}/model/model_card.json",
-        md=f"{OUT}/model/model_card.md",
+        md=report(
+            f"{OUT}/model/model_card.md",
+            caption="../report/model_card.rst",
+            category="Model",
+        ),
     log:
         f"{OUT}/logs/model_card.log",
     conda:

@@ -20,7 +20,11 @@ rule report:
         predictions=f"{OUT}/probes/predictions.tsv",
         cohort=f"{OUT}/features/cohort.parquet",
     output:
-        html=f"{OUT}/report/report.html",
+        html=report(
+            f"{OUT}/report/report.html",
+            caption="../report/report_html.rst",
+            category="Report",
+        ),
         montage=directory(f"{OUT}/report/montage"),
     log:
         f"{OUT}/logs/report.log",

@@ -9,7 +9,11 @@ rule train:
         qc=f"{OUT}/qc/qc.tsv",
     output:
         teacher=f"{OUT}/model/teacher.pt",
-        curves=f"{OUT}/model/training_curves.png",
+        curves=report(
+            f"{OUT}/model/training_curves.png",
+            caption="../report/training_curves.rst",
+            category="Model",
+        ),
         summary=f"{OUT}/model/training_summary.json",
     log:
         f"{OUT}/logs/train.log",
