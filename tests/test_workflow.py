@@ -389,11 +389,11 @@ def test_a_given_teacher_replaces_the_train_job(tmp_path, bids):
         tmp_path,
         *args,
         f"model={{'teacher': '{teacher}'}}",
-        "preprocessing={'resample': {'spacing_mm': 3.0}}",
+        "preprocessing={'resample': {'spacing_mm': 5.0}}",
     )
     assert res.returncode == 2
     errors = [x for x in res.stderr.splitlines() if x.startswith("nidl-dino: error")]
-    assert len(errors) == 1 and "spacing_mm" in errors[0] and "3.0" in errors[0]
+    assert len(errors) == 1 and "spacing_mm" in errors[0] and "5.0" in errors[0]
     # a damaged file: refused in one line
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(teacher.read_bytes()[:1000])
