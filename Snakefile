@@ -8,6 +8,10 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 
+# Snakemake's own report (snakemake --report report.zip): results annotated with report().
+report: "pipeline/report/workflow.rst"
+
+
 # config.yaml of this checkout is the base; --configfile/--config overlay it.
 configfile: os.path.join(workflow.basedir, "config.yaml")
 
@@ -15,8 +19,10 @@ configfile: os.path.join(workflow.basedir, "config.yaml")
 # The checkout's package is importable by the rules' scripts without installation, so the
 # conda environments (--use-conda) only need the dependencies.
 sys.path.insert(0, workflow.basedir)
+from nidl_dino.derivatives import generated_by
 from nidl_dino.errors import UserError
 from nidl_dino.inputs import scan_id_wildcard_constraint
+from nidl_dino.model import resolve_model
 from nidl_dino.workflow import (
     check_config,
     discover,
@@ -33,6 +39,9 @@ try:
     ensure_demo_data(config)
     # a cluster job re-reads this file for its one job: it reads the cached scan list
     SCANS = discover(config, reuse_cache=workflow.remote_exec)
+    # model.teacher (apply a trained model: checked against this run's preprocessing now) or
+    # model.train_on (the training scans); a cluster job trusts the main process's check
+    MODEL = resolve_model(config, SCANS, check=not workflow.remote_exec)
 except UserError as err:
     fail(str(err))
 
@@ -46,6 +55,10 @@ SCAN_IDS_OF = {
         index=False
     )
 }
+
+# With model.teacher, features come from that file and nothing is trained (no train rule).
+TRAIN_HERE = MODEL["teacher"] is None
+TEACHER = f"{OUT}/model/teacher.pt" if TRAIN_HERE else MODEL["teacher"]
 
 # Preprocessing runs in batches of scans (one job each, see pipeline/rules/preprocess.smk).
 BATCHES = preprocess_batches(
@@ -63,19 +76,28 @@ wildcard_constraints:
 
 
 include: "pipeline/rules/preprocess.smk"
-include: "pipeline/rules/train.smk"
+
+
+if TRAIN_HERE:
+
+    include: "pipeline/rules/train.smk"
+
+
 include: "pipeline/rules/extract.smk"
 include: "pipeline/rules/tables.smk"
 include: "pipeline/rules/probe.smk"
 include: "pipeline/rules/report.smk"
+include: "pipeline/rules/derivatives.smk"
 
 
 rule all:
     default_target: True
     input:
+        f"{OUT}/dataset_description.json",
         f"{OUT}/qc/qc.tsv",
-        f"{OUT}/model/teacher.pt",
-        f"{OUT}/model/training_curves.png",
+        TEACHER,
+        f"{OUT}/model/training_curves.png" if TRAIN_HERE else [],
+        f"{OUT}/model/model_card.json",
         f"{OUT}/features/cohort.tsv",
         f"{OUT}/features/cohort.parquet",
         f"{OUT}/probes/scores.tsv",

@@ -33,6 +33,8 @@ from nidl_dino.tables import write_table_atomic
 log = logging.getLogger(__name__)
 
 TEACHER_FORMAT = "nidl-dino-teacher/1"
+#: Undeclared copy of the extraction manifest, beside it: what is already extracted, and how.
+EXTRACTION_STATE = ".extracted.tsv"
 
 
 def save_teacher(
@@ -47,14 +49,12 @@ def save_teacher(
     The model id is ``dino-<encoder name>-<first 12 hex digits of the weights' SHA-256>``, so a
     feature table says exactly which weights produced it.
     """
+    from nidl_dino.model import weights_digest
+
     state = {k: v.detach().cpu().clone() for k, v in teacher.state_dict().items()}
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].float().numpy().tobytes())
     spec = _plain_spec(encoder_spec)
     name = str(spec["name"]).replace(":", ".").split(".")[-1]
-    model_id = f"dino-{name}-{digest.hexdigest()[:12]}"
+    model_id = f"dino-{name}-{weights_digest(state)[:12]}"
     payload = {
         "format": TEACHER_FORMAT,
         "model_id": model_id,
@@ -255,7 +255,10 @@ def extract_cohort(
     from nidl_dino.tables import ok_scans, preprocessed_volume
 
     out_dir = Path(manifest_path).parent
-    previous = read_manifest_tables(manifest_path)
+    # Snakemake deletes a job's declared outputs before it runs: what earlier runs extracted is
+    # read from a copy of the manifest that is not declared (EXTRACTION_STATE).
+    state_path = out_dir / EXTRACTION_STATE
+    previous = read_manifest_tables(manifest_path) + read_manifest_tables(state_path)
     scans = ok_scans(qc)
     from nidl_dino.devices import check_gpu
 
@@ -263,25 +266,68 @@ def extract_cohort(
     check_gpu(trainer.get("accelerator", "auto"))  # no silent CPU fallback
     encoder, info = load_teacher(teacher_path)
     pooling = str(config.get("pooling", DEFAULT_POOLING))
+    precision = str(config.get("precision") or "32-true")
+    # A scan's table is kept when the same model, readout and precision made it from the same
+    # preprocessing (its folder's signature): a grown study extracts only its new scans.
+    signatures = [preprocessing_signature(preproc_dir, s) for s in scans["scan_id"]]
+    keys = [(info["model_id"], pooling, precision, sig) for sig in signatures]
+    done = _extraction_keys(state_path)
+    todo = [
+        i
+        for i, (scan, key) in enumerate(zip(scans["scan_id"], keys, strict=True))
+        if not key[3] or done.get(scan) != key or not (out_dir / f"{scan}.tsv").is_file()
+    ]
+    log.info(
+        "features: %d scan(s) to extract, %d unchanged (same model, readout and preprocessing)",
+        len(todo),
+        len(scans) - len(todo),
+    )
+    new = scans.iloc[todo].reset_index(drop=True)
     features = extract_features(
         feature_encoder(encoder, pooling),
-        [str(preprocessed_volume(preproc_dir, s)) for s in scans["scan_id"]],
+        [str(preprocessed_volume(preproc_dir, s)) for s in new["scan_id"]],
         batch_size=int(config.get("batch_size", 4)),
         num_workers=int(config.get("num_workers", 0)),
         accelerator=str(trainer.get("accelerator", "auto")),
-        precision=config.get("precision") or "32-true",
+        precision=precision,
     )
     if not np.isfinite(features).all():
         raise UserError(
             f"the teacher in {teacher_path} produced non-finite features: training diverged; "
             "lower dino.learning_rate or set dino.clip_grad and re-train"
         )
-    tables = write_subject_tables(features, scans, out_dir, info["model_id"])
+    write_subject_tables(features, new, out_dir, info["model_id"])
     manifest = scans[["scan_id", "participant_id", "session_id"]].copy()
-    manifest["table"] = [p.name for p in tables]
+    manifest["table"] = [f"{s}.tsv" for s in scans["scan_id"]]
     manifest["model_id"] = info["model_id"]
     manifest["pooling"] = pooling
+    manifest["precision"] = precision
+    manifest["preproc_signature"] = signatures
     for name in set(previous) - set(manifest["table"]):
         (out_dir / name).unlink(missing_ok=True)
     write_table_atomic(manifest, manifest_path)
+    write_table_atomic(manifest, state_path)
     return manifest
+
+
+def preprocessing_signature(preproc_dir: str | os.PathLike, scan_id: str) -> str:
+    """Hash of a scan's preprocessing signature (input file and configuration); '' if none."""
+    from nidl_dino.jobs import SIGNATURE_FILE
+
+    try:
+        text = (Path(preproc_dir) / scan_id / SIGNATURE_FILE).read_bytes()
+    except OSError:
+        return ""
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+def _extraction_keys(manifest_path: str | os.PathLike) -> dict[str, tuple[str, str, str, str]]:
+    """scan_id -> (model_id, pooling, precision, preproc_signature) of a previous manifest."""
+    columns = ["scan_id", "model_id", "pooling", "precision", "preproc_signature"]
+    try:
+        table = pd.read_csv(manifest_path, sep="\t", dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError):
+        return {}
+    if any(c not in table.columns for c in columns):
+        return {}  # written before signatures were recorded: extract everything again
+    return {row[0]: tuple(row[1:]) for row in table[columns].itertuples(index=False)}

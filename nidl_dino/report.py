@@ -155,6 +155,7 @@ def write_report(
     config: Mapping[str, Any] | None = None,
     title: str = "nidl-dino report",
     montage_dir: str | os.PathLike | None = None,
+    model_card_md: str | os.PathLike | None = None,
 ) -> None:
     """Write the run's report as one self-contained HTML file (atomically).
 
@@ -182,6 +183,8 @@ def write_report(
         title: Page title.
         montage_dir: Folder for the full montage pages (created; emptied of old pages); None
             writes none.
+        model_card_md: The model card's Markdown (:func:`nidl_dino.model.card_markdown`),
+            shown as text; None shows none.
 
     Raises:
         UserError: The QC table is missing, or an input lacks the columns it must have.
@@ -201,6 +204,7 @@ def write_report(
         ("scatter", "Predicted versus true", _scatter_section(predictions, predictions_note)),
         ("embedding", "Feature embedding", _embedding_section(cohort, cohort_note)),
         ("training", "Training curves", _curves_section(curves_png)),
+        ("model", "Model card", _model_card_section(model_card_md)),
         ("excluded", "Excluded scans", _excluded_section(qc)),
         ("qc", "QC montage", _montage_section(qc, qc_pngs, out_html, montage_dir)),
     ]
@@ -690,6 +694,14 @@ def _embedding_section(cohort: pd.DataFrame | None, note: str | None) -> str:
         "distances between groups keep their meaning)."
     )
     return "".join(_note(n) for n in notes) + _figure(fig, "PCA embedding of the features", caption)
+
+
+def _model_card_section(card_md: str | os.PathLike | None) -> str:
+    if card_md is None:
+        return _note("No model card in this run.")
+    if not Path(card_md).is_file():
+        return _note(f"No model card: {card_md} does not exist.")
+    return f"<pre>{html.escape(Path(card_md).read_text(encoding='utf-8'))}</pre>"
 
 
 def _curves_section(curves_png: str | os.PathLike | None) -> str:

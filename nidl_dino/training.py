@@ -212,12 +212,24 @@ def train_from_config(
         _barrier()
         return summary
 
+    from nidl_dino.model import training_card
+
+    monitors = {
+        k: _to_float(v) for k, v in model.trainer.callback_metrics.items() if k.startswith("train/")
+    }
+    # The model card's training part travels inside the teacher file (model.py), with the
+    # preprocessing it expects: a run that applies this teacher checks it before any job.
+    card = training_card(config, _scan_ids(volume_paths), summary, monitors)
     model_id = save_teacher(
         model.teacher,
         config.get("encoder", "small_cnn"),
         teacher_path,
         image_size=[list(s) for s in datamodule.image_sizes],
-        extra={"fingerprint": fingerprint, "global_step": int(model.trainer.global_step)},
+        extra={
+            "fingerprint": fingerprint,
+            "global_step": int(model.trainer.global_step),
+            "card": card,
+        },
     )
     from nidl_dino.curves import plot_training_curves
 
@@ -228,6 +240,11 @@ def train_from_config(
     (work / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _barrier()
     return summary
+
+
+def _scan_ids(volume_paths: Sequence[str]) -> list[str]:
+    """Scan ids of preprocessed volumes (``<scan_id>_desc-preproc_T1w.nii.gz``)."""
+    return [os.path.basename(str(p)).removesuffix("_desc-preproc_T1w.nii.gz") for p in volume_paths]
 
 
 def _launch_rank() -> int:

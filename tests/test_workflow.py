@@ -39,7 +39,9 @@ def test_dry_run_dag_without_sessions(tmp_path, bids):
         "extract": 1,
         "cohort": 1,
         "probe": 1,
+        "model_card": 1,
         "report": 1,
+        "dataset_description": 1,
         "all": 1,
     }
     assert "out/preproc/batches/batch-0001.tsv" in res.stdout
@@ -358,3 +360,54 @@ def test_a_dry_run_writes_nothing_a_run_writes_the_scan_cache(tmp_path, bids):
     cached = list((tmp_path / "out/.cache").glob("scans-*.tsv"))
     assert len(cached) == 1
     assert "sub-03" in cached[0].read_text()
+
+
+def _teacher_for(path: Path, preprocessing: dict) -> Path:
+    """A small teacher whose card records ``preprocessing`` (no training needed)."""
+    from nidl_dino.encoders import build_encoder
+    from nidl_dino.features import save_teacher
+    from nidl_dino.model import training_card
+
+    spec = {"name": "small_cnn", "kwargs": {"channels": [4, 8]}}
+    card = training_card({"preprocessing": preprocessing}, ["sub-01"], {})
+    save_teacher(build_encoder(spec), spec, path, extra={"card": card})
+    return path
+
+
+def test_a_given_teacher_replaces_the_train_job(tmp_path, bids):
+    shipped = yaml.safe_load((REPO / "config.yaml").read_text())["preprocessing"]
+    teacher = _teacher_for(tmp_path / "elsewhere" / "teacher.pt", shipped)
+    args = ("-n", "--cores", "1", "--config", f"bids_dir={bids}", "output_dir=out")
+    res = snakemake(tmp_path, *args, f"model={{'teacher': '{teacher}'}}")
+    assert res.returncode == 0, res.stderr
+    jobs = _jobs(res.stdout)
+    assert "train" not in jobs and jobs["extract"] == 1 and jobs["model_card"] == 1
+    assert str(teacher) in res.stdout  # extract reads the given file
+
+    # another grid: refused before any job, one line naming both values
+    res = snakemake(
+        tmp_path,
+        *args,
+        f"model={{'teacher': '{teacher}'}}",
+        "preprocessing={'resample': {'spacing_mm': 5.0}}",
+    )
+    assert res.returncode == 2
+    errors = [x for x in res.stderr.splitlines() if x.startswith("nidl-dino: error")]
+    assert len(errors) == 1 and "spacing_mm" in errors[0] and "5.0" in errors[0]
+    # a damaged file: refused in one line
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(teacher.read_bytes()[:1000])
+    res = snakemake(tmp_path, *args, f"model={{'teacher': '{damaged}'}}")
+    errors = [x for x in res.stderr.splitlines() if x.startswith("nidl-dino: error")]
+    assert res.returncode == 2 and len(errors) == 1 and "damaged" in errors[0]
+
+
+def test_train_on_selecting_no_scan_stops_before_any_job(tmp_path, bids):
+    args = ("-n", "--cores", "1", "--config", f"bids_dir={bids}", "output_dir=out")
+    res = snakemake(tmp_path, *args, "model={'train_on': {'sex': ['X']}}")
+    assert res.returncode == 2
+    errors = [x for x in res.stderr.splitlines() if x.startswith("nidl-dino: error")]
+    assert len(errors) == 1 and "model.train_on selects no scan" in errors[0]
+    res = snakemake(tmp_path, *args, "model={'train_on': ['01', 'sub-02']}")
+    assert res.returncode == 0, res.stderr
+    assert _jobs(res.stdout)["train"] == 1

@@ -1,10 +1,12 @@
 # Feature extraction: one batched job (one model load) for the whole cohort, which writes one
 # table per scan (features/<scan_id>.tsv) and a manifest of them. Excluded scans get no table.
+# A table made by the same model, readout and preprocessing is kept as it is: a study that grows
+# under a given teacher (model.teacher) extracts only its new scans.
 
 
 rule extract:
     input:
-        teacher=f"{OUT}/model/teacher.pt",
+        teacher=TEACHER,
         qc=f"{OUT}/qc/qc.tsv",
     output:
         manifest=f"{OUT}/features/manifest.tsv",

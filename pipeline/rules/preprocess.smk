@@ -35,7 +35,12 @@ rule qc_table:
     input:
         expand(f"{OUT}/preproc/batches/{{batch}}.tsv", batch=list(BATCHES)),
     output:
-        f"{OUT}/qc/qc.tsv",
+        report(
+            f"{OUT}/qc/qc.tsv",
+            caption="../report/qc.rst",
+            category="QC",
+            labels={"table": "qc.tsv (excluded scans and reasons)"},
+        ),
     log:
         f"{OUT}/logs/qc_table.log",
     conda:

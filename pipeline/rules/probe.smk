@@ -6,11 +6,19 @@ rule probe:
     input:
         cohort=f"{OUT}/features/cohort.parquet",
         qc=f"{OUT}/qc/qc.tsv",
-        teacher=f"{OUT}/model/teacher.pt",
+        teacher=TEACHER,
     output:
-        scores=f"{OUT}/probes/scores.tsv",
+        scores=report(
+            f"{OUT}/probes/scores.tsv",
+            caption="../report/probe_scores.rst",
+            category="Probes",
+        ),
         predictions=f"{OUT}/probes/predictions.tsv",
-        comparison=f"{OUT}/probes/comparison.tsv",
+        comparison=report(
+            f"{OUT}/probes/comparison.tsv",
+            caption="../report/comparison.rst",
+            category="Probes",
+        ),
         table=f"{OUT}/probes/probe_table.md",
     log:
         f"{OUT}/logs/probe.log",

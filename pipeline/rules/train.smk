@@ -1,4 +1,5 @@
-# Training: one job on the scans that passed QC. Checkpoints and logs go to model/work/, which is
+# Training: one job on the scans that passed QC (those model.train_on selects). Not included when
+# model.teacher is given. The teacher file records the preprocessing it expects (its model card). Checkpoints and logs go to model/work/, which is
 # not a declared output: Snakemake keeps it when a killed job is re-run, and training resumes
 # from model/work/checkpoints/last.ckpt.
 
@@ -8,7 +9,11 @@ rule train:
         qc=f"{OUT}/qc/qc.tsv",
     output:
         teacher=f"{OUT}/model/teacher.pt",
-        curves=f"{OUT}/model/training_curves.png",
+        curves=report(
+            f"{OUT}/model/training_curves.png",
+            caption="../report/training_curves.rst",
+            category="Model",
+        ),
         summary=f"{OUT}/model/training_summary.json",
     log:
         f"{OUT}/logs/train.log",
@@ -29,7 +34,18 @@ rule train:
         preproc_dir=f"{OUT}/preproc",
         config=lambda wc: {
             k: config[k]
-            for k in ("seed", "encoder", "views", "data", "dino", "trainer")
+            for k in (
+                "seed",
+                "encoder",
+                "views",
+                "data",
+                "dino",
+                "trainer",
+                "preprocessing",
+                "model",
+            )
         },
+        # model.train_on: the scan ids to train on (None: every scan that passed QC)
+        train_scans=MODEL["train_scans"],
     script:
         "../scripts/train.py"
