@@ -84,6 +84,7 @@ DEFAULT_VIEWS_CONFIG: dict[str, Any] = {
     },
 }
 
+
 class RandResizedCrop3d(Randomizable, Transform):
     """Random crop of a random fraction of the volume, with aspect jitter, resized to ``size``.
 
