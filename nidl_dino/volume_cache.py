@@ -76,7 +76,7 @@ class NpyVolumeCache:
         except (OSError, ValueError):  # not cached yet (or unreadable): decode and write
             return self._fill(str(path), target)
         # a copy: the tensor outlives the map, and torch wants writable memory
-        return torch.from_numpy(np.ascontiguousarray(array))
+        return torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=True))
 
     def _fill(self, path: str, target: Path) -> torch.Tensor:
         volume = self.load(path)
