@@ -17,11 +17,17 @@ head-like phantom (benchmarks/training_speed.py's), page cache warm, median of `
 - a memory-cache hit (``data.cache: memory``: the tensor is already in RAM);
 - make the CPU views of one volume (2 x 96^3 + 6 x 48^3 with config.yaml's noise and blur).
 
-Implied steps/s at batch 8 with W workers: ``W / (seconds per volume) / 8``, with the views made
-by the workers (read + views per volume) and with the views on the device (read only: the
-views' cost on the GPU is excluded, see benchmarks/gpu_check.py for it). Workers are assumed to
-scale linearly with the CPUs, which holds while the node has that many free cores and the page
-cache holds the volumes.
+Per batch: the worker's collate (stacking 8 volumes, 64 MiB at 128^3), and one serial copy of
+the batch in the main process (what the pin-memory thread does before the host-to-device copy;
+a plain memcpy here, a lower bound of the pinned copy), which no number of workers shares out.
+
+Implied steps/s at batch 8 with W workers: ``W / (8 x seconds per volume + collate)``, with
+the views made by the
+workers (read + views per volume) and with the views on the device (read only: the views' cost
+on the GPU is excluded, see benchmarks/gpu_check.py for it). Workers are assumed to scale
+linearly with the CPUs, which holds while the node has that many free cores and the page cache
+holds the volumes. The serial copy's ceiling applies to every row and is printed apart: it
+depends on the node's memory bandwidth, not on the workers.
 """
 
 from __future__ import annotations
@@ -67,8 +73,9 @@ def views_128() -> dict:
     return {**views, "global_size": 96, "local_size": 48, "num_local_crops": 6}
 
 
-def measure(folder: Path, size: int, repeats: int) -> tuple[dict[str, float], float]:
-    """Seconds per volume of each input path, and of the CPU views."""
+def measure(folder: Path, size: int, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds per volume of each input path; seconds of the CPU views (per volume), of the
+    collate and of the serial copy (per batch)."""
     from nidl_dino.data import VolumeDataset
     from nidl_dino.views import MultiCropTransform
 
@@ -87,8 +94,13 @@ def measure(folder: Path, size: int, repeats: int) -> tuple[dict[str, float], fl
     reads = {name: seconds_per_call(lambda d=d: d[0], repeats) for name, d in paths.items()}
     views = MultiCropTransform(**views_128()).set_random_state(0)
     cached = paths["memory cache"][0]
-    view_seconds = seconds_per_call(lambda: views(cached), max(3, repeats // 2))
-    return reads, view_seconds
+    costs = {"views": seconds_per_call(lambda: views(cached), max(3, repeats // 2))}
+    batch = [cached.clone() for _ in range(BATCH)]
+    costs["collate"] = seconds_per_call(lambda: torch.stack(batch), repeats)
+    stacked = torch.stack(batch)
+    target = torch.empty_like(stacked)
+    costs["copy"] = seconds_per_call(lambda: target.copy_(stacked), repeats)
+    return reads, costs
 
 
 def main() -> None:
@@ -99,7 +111,8 @@ def main() -> None:
     torch.set_num_threads(1)  # a DataLoader worker runs with one torch thread
     print(f"machine: {describe_machine()}")
     with tempfile.TemporaryDirectory(prefix="nidl-loader-") as tmp:
-        reads, views = measure(Path(tmp), args.size, args.repeats)
+        reads, costs = measure(Path(tmp), args.size, args.repeats)
+    views, collate, copy = costs["views"], costs["collate"], costs["copy"]
     size = args.size
     print(f"\n## loader: one worker, {size}^3 float32 volume ({4 * size**3 / 2**20:.0f} MiB)\n")
     print("| input path | ms per volume | volumes/s per worker |")
@@ -107,6 +120,12 @@ def main() -> None:
     for name, seconds in reads.items():
         print(f"| {name} | {1e3 * seconds:.1f} | {1 / seconds:.0f} |")
     print(f"| CPU views (2 x 96^3 + 6 x 48^3) | {1e3 * views:.1f} | {1 / views:.1f} |")
+    mib = BATCH * 4 * size**3 / 2**20
+    print(
+        f"\nper batch of {BATCH} ({mib:.0f} MiB): collate in the worker {1e3 * collate:.1f} ms; "
+        f"serial copy in the main process {1e3 * copy:.1f} ms ({mib / 1024 / copy:.1f} GiB/s), "
+        f"a ceiling of {1 / copy:.0f} steps/s whatever the workers"
+    )
     head = " | ".join(
         f"{w} workers, {mode}" for w in WORKERS for mode in ("CPU views", "device views")
     )
@@ -116,8 +135,9 @@ def main() -> None:
     for name, seconds in reads.items():
         cells = []
         for workers in WORKERS:
-            cells.append(f"{workers / (seconds + views) / BATCH:.1f}")
-            cells.append(f"{workers / seconds / BATCH:.0f}")
+            for per_volume in (seconds + views, seconds):
+                rate = workers / (BATCH * per_volume + collate)
+                cells.append(f"{rate:.1f}" if rate < 20 else f"{rate:.0f}")
         print(f"| {name} | {' | '.join(cells)} |")
 
 
