@@ -1,13 +1,17 @@
 """Large cohorts: dry-run cost of the DAG, cluster submissions, and the aggregates at 10k scans.
 
-    python benchmarks/scale.py                 # everything (about 5 min on a 2-core CPU)
-    python benchmarks/scale.py --parts cohort  # one part: dag, cohort
+    python benchmarks/scale.py                 # everything (about 6 min on a 2-core CPU)
+    python benchmarks/scale.py --parts cohort  # some parts: dag, cohort, report
 
 dag: fake BIDS trees of 1,000 and 10,000 scans (every T1w a link to one small valid NIfTI);
 ``snakemake -n`` CPU time and peak memory with the local and the SLURM profile, the number of
-jobs (= sbatch submissions with profiles/slurm), and the 1k -> 10k ratio.
+jobs (= sbatch submissions with profiles/slurm), of which preprocessing (bar: <= 300 at 10k), and
+the 1k -> 10k ratio.
 cohort: the cohort rule's streaming join on a synthetic 10,000 x 480 feature cohort: time and
 peak memory of a fresh process.
+report: the report rule on a synthetic 10,000-scan run (QC table with 2 % excluded, one QC
+picture per scan (the template with noise, drawn as preprocessing draws it), 10,000 x 480 cohort, probe predictions of 5 feature sets x 2 targets x 3
+repeats): time, peak memory, and the size of report.html (bar: < 10 MB) and of its montage pages.
 Prints one table per part and the machine.
 """
 
@@ -71,8 +75,9 @@ def fake_bids(root: Path, n: int) -> Path:
     return root
 
 
-def _jobs(text: str) -> int:
-    match = re.search(r"\ntotal\s+(\d+)", text)
+def _jobs(text: str, rule: str = "total") -> int:
+    """Jobs of one rule (or the total) in the job-count table of ``snakemake -n``."""
+    match = re.search(rf"\n{rule}\s+(\d+)", text)
     return int(match.group(1)) if match else -1
 
 
@@ -105,11 +110,18 @@ def part_dag(work: Path, sizes: list[int]) -> None:
             rows.append(
                 (n, profile, _jobs(info["out"]), info["cpu"], info["rss_mib"], info["wall"])
             )
+            if profile == "slurm":
+                submissions = (n, _jobs(info["out"]), _jobs(info["out"], "preprocess"))
     print("\n## dag: snakemake -n on fake BIDS trees\n")
     print("| scans | profile | jobs (submissions) | CPU s | peak MiB | wall s |")
     print("|---|---|---|---|---|---|")
     for n, profile, jobs, cpu, rss, wall in rows:
         print(f"| {n:,} | {profile} | {jobs:,} | {cpu:.1f} | {rss:.0f} | {wall:.1f} |")
+    n, total, preprocess = submissions
+    print(
+        f"\nsubmissions with profiles/slurm at {n:,} scans: {total:,} sbatch jobs, of which "
+        f"{preprocess:,} preprocessing ({'within' if preprocess <= 300 else 'OVER'} the bar of 300)"
+    )
     if len(sizes) >= 2:
         for profile in ("local", "slurm"):
             small = next(r for r in rows if r[0] == sizes[0] and r[1] == profile)
@@ -194,9 +206,135 @@ def part_cohort(work: Path, n: int = 10_000, dim: int = 480) -> None:
     )
 
 
+REPORT_CHILD = r"""
+import sys, time, json
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from nidl_dino.report import write_report
+work = Path(sys.argv[2])
+n = int(sys.argv[3])
+pngs = {f"sub-{i:05d}": work / "qc.png" for i in range(n)}
+start = time.perf_counter()
+write_report(work / "report" / "report.html", qc_tsv=work / "qc.tsv", qc_pngs=pngs,
+             probe_scores_tsv=work / "scores.tsv", predictions_tsv=work / "predictions.tsv",
+             cohort_parquet=work / "cohort.parquet", config={"output_dir": str(work)},
+             montage_dir=work / "report" / "montage")
+print(time.perf_counter() - start)
+"""
+
+
+def part_report(work: Path, n: int = 10_000, dim: int = 480) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from nidl_dino.cohort import feature_columns
+
+    work.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    # a QC picture as preprocessing draws it: the MNI template on a 1.5 mm 128^3 grid, with
+    # scanner-like noise (a noise-only picture would be a worst case PNG compression never meets)
+    from nidl_dino.preprocessing.qc import save_qc_png, template_on_grid
+
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    affine[:3, 3] = np.array([0.0, -17.0, 5.0]) - 1.5 * 63.5
+    volume = template_on_grid((128, 128, 128), affine).astype(np.float32)
+    volume += 0.05 * volume.max() * rng.standard_normal(volume.shape).astype(np.float32)
+    save_qc_png(work / "qc.png", volume, affine, "sub-00000: excluded", "qc.min_similarity")
+    scans = [f"sub-{i:05d}" for i in range(n)]
+    ok = np.array([i % 50 != 7 for i in range(n)])
+    pd.DataFrame(
+        {
+            "participant_id": scans,
+            "session_id": "",
+            "scan_id": scans,
+            "status": np.where(ok, "ok", "excluded"),
+            "reason": np.where(ok, "", "qc.min_similarity: 0.31 < 0.5"),
+            "metrics.similarity": rng.uniform(0.3, 0.95, n).round(3),
+            "metrics.etiv_ml": rng.normal(1500, 150, n).round(1),
+        }
+    ).to_csv(work / "qc.tsv", sep="\t", index=False)
+    features = rng.standard_normal((n, dim)).astype(np.float32)
+    features[~ok] = np.nan
+    cohort = pd.DataFrame(features, columns=feature_columns(dim))
+    age = rng.uniform(20, 80, n).round(1)
+    ids = pd.DataFrame(
+        {
+            "participant_id": scans,
+            "session_id": "",
+            "status": np.where(ok, "ok", "excluded"),
+            "age": age,
+            "sex": rng.choice(["F", "M"], n),
+            "site": rng.choice(["A", "B", "C"], n),
+            "model_id": "dino-x",
+        }
+    )
+    pd.concat([ids, cohort], axis=1).to_parquet(work / "cohort.parquet")
+    sets = ["dino", "random_encoder", "intensity_pca", "brain_volume", "chance"]
+    rows, scores = [], []
+    index = np.flatnonzero(ok)
+    for feature_set in sets:
+        for target, task in (("age", "regression"), ("sex", "classification")):
+            for repeat in range(3):
+                true = age[index] if target == "age" else rng.integers(0, 2, len(index))
+                pred = (
+                    true + rng.normal(0, 8, len(index))
+                    if target == "age"
+                    else rng.random(len(index))
+                )
+                rows.append(
+                    pd.DataFrame(
+                        {
+                            "feature_set": feature_set,
+                            "target": target,
+                            "task": task,
+                            "row": np.arange(len(index)),
+                            "participant_id": [scans[i] for i in index],
+                            "session_id": "",
+                            "repeat": repeat,
+                            "fold": np.arange(len(index)) % 5,
+                            "y_true": true,
+                            "y_pred": pred,
+                        }
+                    )
+                )
+            metric = "mae" if target == "age" else "roc_auc"
+            scores.append(
+                {
+                    "feature_set": feature_set,
+                    "target": target,
+                    "task": task,
+                    "metric": metric,
+                    "mean": 8.0 if target == "age" else 0.6,
+                    "std": 0.2,
+                    "n_folds": 15,
+                    "n_samples": len(index),
+                    "n_features": dim,
+                }
+            )
+    pd.concat(rows).to_csv(work / "predictions.tsv", sep="\t", index=False)
+    pd.DataFrame(scores).to_csv(work / "scores.tsv", sep="\t", index=False)
+    info = measured([sys.executable, "-c", REPORT_CHILD, str(REPO), str(work), str(n)])
+    if info["rc"] != 0:
+        raise SystemExit(info["out"][-3000:])
+    html_mb = (work / "report" / "report.html").stat().st_size / 1e6
+    pages = sorted((work / "report" / "montage").glob("*.html"))
+    pages_mb = sum(p.stat().st_size for p in pages) / 1e6
+    print(f"\n## report: {n:,} scans ({(~ok).sum()} excluded), one QC picture each\n")
+    print("| scans | wall s | CPU s | peak MiB | report.html MB | montage pages | pages MB |")
+    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| {n:,} | {info['wall']:.1f} | {info['cpu']:.1f} | {info['rss_mib']:.0f} | "
+        f"{html_mb:.2f} | {len(pages)} | {pages_mb:.1f} |"
+    )
+    print(
+        f"\nreport.html {html_mb:.2f} MB: {'within' if html_mb < 10 else 'OVER'} the bar of 10 MB"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["dag", "cohort"], choices=["dag", "cohort"])
+    parts = ["dag", "cohort", "report"]
+    parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--sizes", nargs="+", type=int, default=[1000, 10000])
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp)")
     args = parser.parse_args()
@@ -208,6 +346,8 @@ def main() -> None:
             part_dag(work, args.sizes)
         if "cohort" in args.parts:
             part_cohort(work / "cohort")
+        if "report" in args.parts:
+            part_report(work / "report")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@
 The chance baseline is built into :func:`nidl_dino.probes.run_probes`, and the random-weights
 encoder is an ordinary feature table extracted like the DINO one.
 
+In the workflow the ``extract`` job computes what needs the volumes (the random-weights
+features, the block-averaged intensities), on the GPU, in its one pass over them, and writes it
+with :func:`write_baseline_table`; the ``probe`` job reads those tables
+(:func:`read_baseline_table`) and never decodes a volume.
+
 Example:
     >>> feature_sets = {
     ...     "dino": dino_features,
@@ -18,8 +23,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -120,10 +128,95 @@ def intensity_pca_features(
         A :class:`~nidl_dino.probes.FeatureSet` of shape (len(volume_paths), n_blocks) with one
         ``("pca", PCA)`` step.
     """
+    return pca_feature_set(downsampled_intensities(volume_paths, downsample), n_components, seed)
+
+
+def pca_feature_set(intensities: np.ndarray, n_components: int = 32, seed: int = 0) -> FeatureSet:
+    """The intensity baseline from downsampled intensities ``(N, n_blocks)`` already computed
+    (e.g. read from the extract job's ``intensities.parquet``); see :func:`intensity_pca_features`.
+    """
     if int(n_components) < 1:
         raise UserError(f"probes.pca.n_components={n_components}; use a positive integer")
-    X = downsampled_intensities(volume_paths, downsample)
+    X = np.asarray(intensities, dtype=np.float32)
     return FeatureSet(X, steps=(("pca", PCA(n_components=int(n_components), random_state=seed)),))
+
+
+#: Identity columns of a baseline table, then one ``features`` column (a fixed-size list).
+BASELINE_ID_COLUMNS = ("scan_id", "participant_id", "session_id")
+
+
+def write_baseline_table(
+    path: str | os.PathLike,
+    scans: pd.DataFrame,
+    values: np.ndarray,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write one baseline's per-scan vectors as Parquet, atomically.
+
+    Args:
+        path: the ``.parquet`` file to write.
+        scans: rows aligned with ``values``, with ``scan_id``, ``participant_id``,
+            ``session_id``.
+        values: float array ``(N, F)``.
+        metadata: plain values stored in the file's schema metadata (``nidl_dino`` key): how the
+            vectors were made (seed, pooling, downsample).
+
+    Returns:
+        The path written. The file holds the id columns and ``features``: one fixed-size list
+        of F float32 per scan (10k x 4,096 floats is one 160 MB column, read back in one copy).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if values.ndim != 2 or len(values) != len(scans) or values.shape[1] == 0:
+        raise ValueError(f"{len(scans)} scans but values of shape {values.shape}")
+    columns = {
+        name: pa.array(scans[name].fillna("").astype(str).tolist(), type=pa.string())
+        for name in BASELINE_ID_COLUMNS
+    }
+    flat = pa.array(values.reshape(-1), type=pa.float32())
+    columns["features"] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+    table = pa.table(columns)
+    table = table.replace_schema_metadata(
+        {"nidl_dino": json.dumps({"dim": int(values.shape[1]), **dict(metadata or {})})}
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_baseline_table(
+    path: str | os.PathLike, scan_ids: Sequence[str]
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """A baseline's vectors for ``scan_ids``, in that order, and the file's metadata.
+
+    Raises:
+        UserError: a missing or unreadable file, or a scan without a row (the table is older
+            than the cohort: rerun extract).
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read the baseline table ({err}); rerun extract") from None
+    meta = json.loads((table.schema.metadata or {}).get(b"nidl_dino", b"{}"))
+    ids = table.column("scan_id").to_pylist()
+    column = table.column("features").combine_chunks()
+    dim = column.type.list_size
+    values = column.flatten().to_numpy(zero_copy_only=False).reshape(len(ids), dim)
+    row_of = {scan: i for i, scan in enumerate(ids)}
+    missing = [s for s in scan_ids if s not in row_of]
+    if missing:
+        raise UserError(
+            f"{path}: no row for scan {missing[0]} ({len(missing)} missing); the table is older "
+            "than the cohort: rerun extract (snakemake -R extract)"
+        )
+    return values[[row_of[s] for s in scan_ids]], meta
 
 
 def brain_volume_feature(qc_table: pd.DataFrame, column: str = "etiv_ml") -> np.ndarray:

@@ -1,8 +1,9 @@
 """Data loading of preprocessed volumes for DINO training and feature extraction.
 
 - :class:`VolumeDataset`: preprocessed NIfTI volumes read by MONAI (``LoadImage``, channel
-  first, float32), optionally cached in memory (``CacheDataset``) or on disk
-  (``PersistentDataset``), then an optional random transform (the views) applied per fetch.
+  first, float32), optionally cached in memory (``CacheDataset``) or on disk (uncompressed
+  ``.npy`` read memory-mapped, :class:`~nidl_dino.volume_cache.NpyVolumeCache`), then an optional
+  random transform (the views) applied per fetch.
 - :class:`DINODataModule`: the training data as a ``LightningDataModule``. Batches are
   ``[g1, g2, l1, ..., lN]``, each ``(B, C, D, H, W)``. Views are made by the loader's CPU workers,
   or, with ``views_on_device=True``, on the accelerator after the whole volumes ``(B, C, D, H, W)``
@@ -10,6 +11,9 @@
   seeded per batch from (seed, epoch, rank, sample indices)), so that a GPU run is not bound by
   the CPU workers. The estimator sees batches of the same format either way.
 - :func:`volume_loader`: whole volumes ``(B, 1, D, H, W)`` in the given order, for extraction.
+- :func:`resolve_num_workers`, :func:`resolve_views_on_device`: the ``auto`` values of
+  ``data.num_workers``/``extract.num_workers`` (the job's CPUs) and ``data.views_on_device``
+  (on for GPU runs).
 
 Loaders are ``monai.data.DataLoader`` with the torch default collate (MONAI's collate would
 flatten the list of views into the batch) and MONAI's ``worker_init_fn``, which seeds every random
@@ -27,21 +31,66 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose, EnsureType, LoadImage
 from torch.utils.data import default_collate
 
 from nidl_dino.device_views import DeviceViews
 from nidl_dino.errors import UserError
 from nidl_dino.views import DEFAULT_VIEWS_CONFIG, MultiCropTransform
+from nidl_dino.volume_cache import NpyVolumeCache, plan_volume_cache, resolve_cache_dir
 
-__all__ = ["CACHE_MODES", "DINODataModule", "VolumeDataset", "volume_loader"]
+__all__ = [
+    "CACHE_MODES",
+    "DINODataModule",
+    "VolumeDataset",
+    "resolve_num_workers",
+    "resolve_views_on_device",
+    "volume_loader",
+]
 
 log = logging.getLogger(__name__)
 
-#: Values of ``data.cache``: none (read each time), memory (``CacheDataset``), disk
-#: (``PersistentDataset`` in ``cache_dir``).
-CACHE_MODES = ("none", "memory", "disk")
+#: Values of ``data.cache``: auto (memory when the cohort fits half of the job's memory, else
+#: disk), none (read each time), memory (``CacheDataset``), disk (``.npy`` files in ``cache_dir``).
+CACHE_MODES = ("auto", "none", "memory", "disk")
+
+
+def resolve_num_workers(value: int | str, threads: int | None = None) -> int:
+    """Loader workers for ``data.num_workers``/``extract.num_workers``.
+
+    Args:
+        value: a count, or ``"auto"``: the job's CPUs, i.e. ``threads`` (the rule's threads,
+            which SLURM gives as CPUs per task) when given, else the CPUs this process may run
+            on (``os.sched_getaffinity``).
+        threads: the job's threads.
+
+    Raises:
+        UserError: a negative count or another string.
+    """
+    if value == "auto":
+        if threads:
+            return max(1, int(threads))
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not on Linux
+            return max(1, os.cpu_count() or 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"num_workers: {value!r}; use auto or a count >= 0")
+    return value
+
+
+def resolve_views_on_device(value: bool | str, accelerator: Any = "auto") -> bool:
+    """``data.views_on_device``: ``"auto"`` is true when training runs on a CUDA GPU.
+
+    ``accelerator`` is ``trainer.accelerator``: ``gpu``/``cuda``, or ``auto`` where torch sees
+    a CUDA device (what Lightning then picks). CPU runs keep the views in the loader workers,
+    where they overlap with the training step.
+    """
+    if value != "auto":
+        return bool(value)
+    name = str(accelerator or "auto").lower()
+    return name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available())
 
 
 class VolumeDataset(torch.utils.data.Dataset):
@@ -54,8 +103,11 @@ class VolumeDataset(torch.utils.data.Dataset):
     Args:
         paths: volume files (NIfTI, or any format MONAI's ``LoadImage`` reads).
         transform: callable applied to each volume ``(C, D, H, W)``; None returns the volume.
-        cache: ``"none"``, ``"memory"`` (all volumes in RAM, shared with forked workers) or
-            ``"disk"`` (one ``.pt`` file per volume in ``cache_dir``, reused across runs).
+        cache: ``"none"``, ``"memory"`` (all volumes in RAM, shared with forked workers),
+            ``"disk"`` (one uncompressed ``.npy`` file per volume in ``cache_dir``, read
+            memory-mapped, reused across runs) or ``"auto"`` (memory when the cohort takes at
+            most half of the job's memory, else disk:
+            :func:`~nidl_dino.volume_cache.plan_volume_cache`).
         cache_dir: folder of the disk cache (required for ``cache="disk"``).
         cache_num_workers: threads that fill the memory cache.
 
@@ -63,7 +115,8 @@ class VolumeDataset(torch.utils.data.Dataset):
         UserError: empty ``paths``, a missing file, an unknown ``cache``, or disk without dir.
 
     Attributes:
-        dataset: the underlying MONAI ``Dataset``/``CacheDataset``/``PersistentDataset``.
+        dataset: the underlying MONAI ``Dataset`` or ``CacheDataset``.
+        cache: the cache mode used (``auto`` resolved).
     """
 
     def __init__(
@@ -82,26 +135,28 @@ class VolumeDataset(torch.utils.data.Dataset):
             raise UserError(
                 f"{missing[0]}: volume not found ({len(missing)} missing); rerun preprocessing"
             )
+        # a flat list: CacheDataset caches the steps before the first random one (a nested
+        # Compose counts as random)
         steps: list[Callable] = [
             LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32),
             EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
         ]
-        if transform is not None:
-            steps.append(transform)
-        pipeline = Compose(steps)
-        if cache == "none":
+        if cache not in CACHE_MODES:
+            raise UserError(f"data.cache: {cache!r}; choose one of {', '.join(CACHE_MODES)}")
+        if cache == "auto":
+            cache = plan_volume_cache(self.paths, cache, cache_dir)
+        if cache == "disk":
+            if cache_dir is None:
+                raise UserError("data.cache_dir: needed for cache: disk; give a writable folder")
+            steps = [NpyVolumeCache(resolve_cache_dir(cache_dir), Compose(steps))]
+        pipeline = Compose(steps if transform is None else [*steps, transform])
+        self.cache = cache
+        if cache in ("none", "disk"):
             self.dataset = Dataset(self.paths, pipeline)
         elif cache == "memory":
             self.dataset = CacheDataset(
                 self.paths, pipeline, num_workers=cache_num_workers, progress=False
             )
-        elif cache == "disk":
-            if cache_dir is None:
-                raise UserError("data.cache_dir: needed for cache: disk; give a writable folder")
-            os.makedirs(cache_dir, exist_ok=True)
-            self.dataset = PersistentDataset(self.paths, pipeline, cache_dir=cache_dir)
-        else:
-            raise UserError(f"data.cache: {cache!r}; choose one of {', '.join(CACHE_MODES)}")
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -264,23 +319,31 @@ class DINODataModule(pl.LightningDataModule):
             the head needs > 1 sample); a cohort smaller than ``batch_size`` trains with one
             batch of the whole cohort (a warning is logged).
         num_workers: loader worker processes (each makes views on the CPU unless
-            ``views_on_device``).
+            ``views_on_device``); ``"auto"``: the CPUs of this process
+            (:func:`resolve_num_workers`).
         pin_memory: pin batches in page-locked memory for faster host-to-GPU copies; None pins
             when CUDA is available.
         persistent_workers: keep workers (and their random streams) alive across epochs.
-        cache: ``"none"``, ``"memory"`` or ``"disk"`` (see :class:`VolumeDataset`).
-        cache_dir: folder of the disk cache.
+        cache: ``"auto"``, ``"none"``, ``"memory"`` or ``"disk"`` (see :class:`VolumeDataset`),
+            resolved and checked here, before training starts
+            (:func:`~nidl_dino.volume_cache.plan_volume_cache`): a disk cache that would not fit
+            the free space of ``cache_dir`` raises.
+        cache_dir: folder of the disk cache (``$VARS`` expanded).
+        memory_mb: the job's memory for ``cache="auto"`` (None: the cgroup limit or the
+            machine's memory).
         views_on_device: make the views on the training device, batch by batch, after the
             whole volumes were transferred (``on_after_batch_transfer``), with
             :class:`~nidl_dino.device_views.DeviceViews` seeded from (seed, epoch, rank, the
             batch's sample indices): ranks differ, a resumed run repeats. Use with a GPU; on a
             CPU the default (False) lets the workers work in parallel with the training step.
             Requires fitting with ``datamodule=`` (Lightning calls the hook on the datamodule).
+            ``"auto"``: on when torch sees a CUDA device (:func:`resolve_views_on_device`).
         seed: seeds the shuffling, the workers' view transforms and the device-side views.
         val_paths: optional validation volumes (views as for training, no shuffle, no drop).
 
     Raises:
-        UserError: fewer than 2 training volumes, or a bad ``views_config``/``cache`` value.
+        UserError: fewer than 2 training volumes, a bad ``views_config``/``cache`` value, or a
+            disk cache that does not fit its disk.
 
     Example:
         >>> dm = DINODataModule(paths, DEFAULT_VIEWS_CONFIG, batch_size=4, num_workers=2)
@@ -294,14 +357,15 @@ class DINODataModule(pl.LightningDataModule):
         paths: Sequence[str | os.PathLike],
         views_config: Mapping[str, Any] | None = None,
         batch_size: int = 8,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         cache: str = "none",
         cache_dir: str | os.PathLike | None = None,
-        views_on_device: bool = False,
+        views_on_device: bool | str = False,
         seed: int = 0,
         val_paths: Sequence[str | os.PathLike] | None = None,
+        memory_mb: float | None = None,
     ) -> None:
         super().__init__()
         self.paths = [str(p) for p in paths]
@@ -322,15 +386,20 @@ class DINODataModule(pl.LightningDataModule):
             batch_size = len(self.paths)
         if cache not in CACHE_MODES:
             raise UserError(f"data.cache: {cache!r}; choose one of {', '.join(CACHE_MODES)}")
-        if num_workers < 0:
-            raise UserError(f"data.num_workers: {num_workers}; use 0 or more")
+        try:
+            num_workers = resolve_num_workers(num_workers)
+        except UserError as err:
+            raise UserError(f"data.{err}") from None
+        memory = None if memory_mb is None else int(float(memory_mb) * 2**20)
+        # resolved (and a disk cache's size checked) now, before anything trains
+        cache = plan_volume_cache(self.paths + self.val_paths, cache, cache_dir, memory)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.persistent_workers = persistent_workers
         self.cache = cache
         self.cache_dir = cache_dir
-        self.views_on_device = views_on_device
+        self.views_on_device = resolve_views_on_device(views_on_device)
         self.seed = int(seed)
         self.views = MultiCropTransform(**(views_config or DEFAULT_VIEWS_CONFIG))
         self.views.set_random_state(self.seed)

@@ -4,9 +4,13 @@ The ``probe`` rule calls :func:`evaluate_cohort`. Feature sets, all restricted t
 passed QC, aligned row by row with the cohort table:
 
 - ``dino``: the teacher features of the cohort table;
-- ``random_encoder``: the same encoder architecture with random (untrained) weights, seeded;
+- ``random_encoder``: the same encoder architecture with random (untrained) weights, seeded
+  (DINO's initial weights), read out like the DINO features;
 - ``intensity_pca``: block-averaged intensities of the preprocessed volumes, PCA fitted inside
   every training fold (no leakage);
+
+the first two computed by the ``extract`` job, on its device, in its one pass over the volumes
+(``features/baselines/*.parquet``): the probes read tables only.
 - ``brain_volume``: the brain volume measured by preprocessing QC, as a one-feature model;
 - ``chance``: the training-fold mean (regression) or class prior (classification).
 """
@@ -23,13 +27,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from nidl_dino.baselines import brain_volume_feature, intensity_pca_features
+from nidl_dino.baselines import brain_volume_feature, pca_feature_set, read_baseline_table
 from nidl_dino.cohort import FEATURE_PREFIX
-from nidl_dino.encoders import DEFAULT_POOLING, feature_encoder
 from nidl_dino.errors import UserError
-from nidl_dino.features import extract_features, load_teacher
+from nidl_dino.features import load_teacher
+from nidl_dino.features import random_encoder_like as _random_encoder_like
 from nidl_dino.probes import PREDICTION_COLUMNS, SCORE_COLUMNS, run_probes
-from nidl_dino.tables import preprocessed_volume
 
 log = logging.getLogger(__name__)
 
@@ -40,74 +43,63 @@ def _empty() -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def random_encoder_like(teacher_path: str | os.PathLike, seed: int = 0) -> torch.nn.Module:
     """The teacher's architecture with freshly initialised weights (seeded), in eval mode."""
-    from nidl_dino.encoders import build_encoder
-
     _, info = load_teacher(teacher_path)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoder = build_encoder(info["encoder"], in_channels=1, image_size=None)
-    return encoder.eval()
+    return _random_encoder_like(info, seed=seed)
 
 
 def feature_sets_for(
     cohort: pd.DataFrame,
     qc: pd.DataFrame,
-    teacher_path: str | os.PathLike,
-    preproc_dir: str | os.PathLike,
+    baselines: Mapping[str, str | os.PathLike],
     config: Mapping[str, Any],
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The ok rows of the cohort table, and every feature set aligned with them (by position).
 
+    Reads tables only: the volumes were read by the ``extract`` job, which wrote the baselines'
+    inputs (:func:`nidl_dino.features.extract_cohort`).
+
     Args:
         cohort: the cohort table (``features/cohort.parquet``).
         qc: the QC table (for ``scan_id`` and the brain volume).
-        teacher_path: the trained teacher (for the random-weights baseline's architecture).
-        preproc_dir: the preprocessing folder (volumes for the intensity baseline).
-        config: the ``probes:`` section, plus ``extract`` and ``encoder_seed`` (the workflow's
-            ``seed``, which fixed DINO's initial weights: the random-weights baseline is exactly
-            the trained encoder's starting point; ``seed`` is used when it is absent).
+        baselines: ``random_encoder`` and ``intensities`` -> their Parquet tables
+            (``features/baselines/*.parquet``); a missing key skips that baseline.
+        config: the ``probes:`` section.
+
+    Raises:
+        UserError: a baseline table without a row for an ok scan (rerun extract).
     """
-    ids = ["participant_id", "session_id"]
     table = cohort[cohort["status"] == "ok"].reset_index(drop=True)
-    qc = qc.copy()
-    qc["session_id"] = qc["session_id"].fillna("").astype(str)
-    table["session_id"] = table["session_id"].fillna("").astype(str)
-    qc_rows = table[ids].merge(qc, on=ids, how="left")
-    paths = [str(preprocessed_volume(preproc_dir, s)) for s in qc_rows["scan_id"]]
+    # one key per scan: several runs of one session share participant and session ids
+    qc_rows = table[["scan_id"]].merge(qc, on="scan_id", how="left", validate="one_to_one")
+    scan_ids = [str(s) for s in qc_rows["scan_id"]]
 
     feature_columns = [c for c in table.columns if c.startswith(FEATURE_PREFIX)]
     sets: dict[str, Any] = {"dino": table[feature_columns].to_numpy(dtype=np.float32)}
-    extract = config.get("extract", {}) or {}
-    encoder_seed = int(config.get("encoder_seed", config.get("seed", 0)))
-    # Read out like the DINO features (extract.pooling), so only the weights differ.
-    random_encoder = feature_encoder(
-        random_encoder_like(teacher_path, seed=encoder_seed),
-        str(extract.get("pooling", DEFAULT_POOLING)),
-    )
-    sets["random_encoder"] = extract_features(
-        random_encoder,
-        paths,
-        batch_size=int(extract.get("batch_size", 4)),
-        num_workers=int(extract.get("num_workers", 0)),
-        accelerator="cpu",
-    )
-    pca = config.get("pca", {}) or {}
-    n_components = int(pca.get("n_components", 32))
-    largest = _largest_pca(len(table), config)
-    if n_components > largest:
-        log.info(
-            "probes.pca.n_components %d > %d rows of the smallest inner training fold: using %d",
-            n_components,
-            largest,
-            largest,
+    if "random_encoder" in baselines:
+        sets["random_encoder"], _ = read_baseline_table(baselines["random_encoder"], scan_ids)
+    if "intensities" in baselines:
+        intensities, meta = read_baseline_table(baselines["intensities"], scan_ids)
+        pca = config.get("pca", {}) or {}
+        wanted = int(pca.get("downsample", meta.get("downsample", 0)))
+        if meta.get("downsample") is not None and int(meta["downsample"]) != wanted:
+            raise UserError(
+                f"{baselines['intensities']}: intensities downsampled by {meta['downsample']}, "
+                f"probes.pca.downsample is {wanted}: rerun extract (snakemake -R extract)"
+            )
+        n_components = int(pca.get("n_components", 32))
+        largest = _largest_pca(len(table), config)
+        if n_components > largest:
+            log.info(
+                "probes.pca.n_components %d > %d rows of the smallest inner training fold: "
+                "using %d",
+                n_components,
+                largest,
+                largest,
+            )
+            n_components = largest
+        sets["intensity_pca"] = pca_feature_set(
+            intensities, n_components=n_components, seed=int(config.get("seed", 0))
         )
-        n_components = largest
-    sets["intensity_pca"] = intensity_pca_features(
-        paths,
-        n_components=n_components,
-        downsample=int(pca.get("downsample", 8)),
-        seed=int(config.get("seed", 0)),
-    )
     column = config.get("brain_volume_column", "etiv_ml")
     qc_column = next((c for c in qc_rows.columns if c == column or c.endswith(f".{column}")), None)
     if qc_column is not None:
@@ -127,8 +119,7 @@ def _largest_pca(n_rows: int, config: Mapping[str, Any]) -> int:
 def evaluate_cohort(
     cohort: pd.DataFrame,
     qc: pd.DataFrame,
-    teacher_path: str | os.PathLike,
-    preproc_dir: str | os.PathLike,
+    baselines: Mapping[str, str | os.PathLike],
     config: Mapping[str, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Cross-validated probes of every feature set for the configured targets.
@@ -142,7 +133,7 @@ def evaluate_cohort(
         :func:`nidl_dino.probes.run_probes` returns them (empty when nothing could be probed),
         and a one-line note saying why when something was skipped ("" otherwise).
     """
-    table, sets = feature_sets_for(cohort, qc, teacher_path, preproc_dir, config)
+    table, sets = feature_sets_for(cohort, qc, baselines, config)
     return probe_targets(sets, table, config)
 
 

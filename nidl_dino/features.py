@@ -111,6 +111,17 @@ def load_teacher(path: str | os.PathLike, map_location: str | torch.device = "cp
     return encoder, info
 
 
+def random_encoder_like(info: Mapping[str, Any], seed: int = 0) -> nn.Module:
+    """The teacher's architecture (``info`` of :func:`load_teacher`) with freshly initialised
+    weights, seeded as training seeds its encoder: DINO's starting point, in eval mode."""
+    from nidl_dino.encoders import build_encoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        encoder = build_encoder(info["encoder"], in_channels=1, image_size=None)
+    return encoder.eval()
+
+
 def extract_features(
     encoder: nn.Module,
     volume_paths: Sequence[str],
@@ -127,21 +138,73 @@ def extract_features(
     Returns:
         float32 array (N, output_dim).
     """
+    sets = extract_feature_sets(
+        {"features": encoder},
+        volume_paths,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        accelerator=accelerator,
+        precision=precision,
+    )
+    return sets["features"]
+
+
+def extract_feature_sets(
+    encoders: Mapping[str, nn.Module],
+    volume_paths: Sequence[str],
+    batch_size: int = 4,
+    num_workers: int = 0,
+    accelerator: str = "auto",
+    precision: str | int | None = "32-true",
+    downsample: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Every encoder's features of each volume, from one pass of the loader over the volumes.
+
+    Each volume is decoded once and moved to the device once, whatever the number of encoders
+    (the DINO teacher and the random-weights baseline share the loader and the readout).
+
+    Args:
+        encoders: name -> encoder returning ``(B, F)`` for ``(B, 1, D, H, W)``.
+        volume_paths: preprocessed volumes (one shape when ``batch_size > 1``).
+        batch_size: volumes per batch.
+        num_workers: loader worker processes.
+        accelerator: Lightning accelerator (Fabric, one device).
+        precision: Lightning precision of the encoders.
+        downsample: also return ``"intensities"``: each volume block-averaged over
+            ``downsample``^3 voxels and flattened (the intensity-PCA baseline's input, as
+            :func:`nidl_dino.baselines.downsampled_intensities` computes it; non-finite voxels
+            count as 0), computed in float32 on the device.
+
+    Returns:
+        name -> float32 array ``(N, F)``, in the order of ``volume_paths``.
+
+    Raises:
+        UserError: a volume smaller than ``downsample``, or an unreadable/missing volume.
+    """
     from lightning_fabric import Fabric
 
     from nidl_dino.data import volume_loader
 
     if not volume_paths:
-        dim = int(getattr(encoder, "output_dim", 0))
-        return np.zeros((0, dim), dtype=np.float32)
+        out = {
+            k: np.zeros((0, int(getattr(e, "output_dim", 0))), dtype=np.float32)
+            for k, e in encoders.items()
+        }
+        if downsample:
+            out["intensities"] = np.zeros((0, 0), dtype=np.float32)
+        return out
     fabric = Fabric(accelerator=accelerator, devices=1, precision=precision)
-    model = fabric.setup_module(encoder)
-    model.eval()
+    models = {}
+    for name, encoder in encoders.items():
+        models[name] = fabric.setup_module(encoder)
+        models[name].eval()
     loader = fabric.setup_dataloaders(
         volume_loader(list(volume_paths), batch_size=batch_size, num_workers=num_workers),
         use_distributed_sampler=False,
     )
-    chunks = []
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in models}
+    if downsample:
+        chunks["intensities"] = []
     done, start = 0, time.perf_counter()
     report_every = max(1, len(loader) // 10)  # about ten progress lines per extraction
     with torch.inference_mode():
@@ -149,12 +212,29 @@ def extract_features(
             x = batch["image"] if isinstance(batch, dict) else batch
             if isinstance(x, (list, tuple)):
                 x = x[0]
-            chunks.append(model(x).float().cpu())
+            for name, model in models.items():
+                chunks[name].append(model(x).float().cpu())
+            if downsample:
+                chunks["intensities"].append(_block_average(x, int(downsample), volume_paths[0]))
             done += len(x)
             if i % report_every == 0 or i == len(loader):
                 rate = done / max(time.perf_counter() - start, 1e-9)
                 log.info("features: %d of %d scans (%.1f scans/s)", done, len(volume_paths), rate)
-    return torch.cat(chunks).numpy()
+    return {name: torch.cat(parts).numpy() for name, parts in chunks.items()}
+
+
+def _block_average(x: torch.Tensor, factor: int, first_path: str) -> torch.Tensor:
+    """``(B, C, D, H, W)`` -> ``(B, C * d * h * w)``: means of ``factor``^3 blocks (trailing
+    voxels dropped), in float32 outside autocast, on the host."""
+    if min(x.shape[2:]) < factor:
+        raise UserError(
+            f"{first_path}: shape {tuple(x.shape[2:])} is smaller than "
+            f"probes.pca.downsample={factor}; lower it"
+        )
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        clean = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)
+        pooled = torch.nn.functional.avg_pool3d(clean, kernel_size=factor, stride=factor)
+    return pooled.flatten(1).cpu()
 
 
 def write_subject_tables(
@@ -230,11 +310,18 @@ def extract_cohort(
     preproc_dir: str | os.PathLike,
     manifest_path: str | os.PathLike,
     config: Mapping[str, Any],
+    baselines_dir: str | os.PathLike | None = None,
+    threads: int | None = None,
 ) -> pd.DataFrame:
     """Extract features of every scan that passed QC and write one table per scan.
 
     One model load and batched inference for the whole cohort; the tables go next to
-    ``manifest_path`` (``<scan_id>.tsv``). The manifest (scan_id, participant_id, session_id,
+    ``manifest_path`` (``<scan_id>.tsv``). With ``baselines_dir``, the same pass over the volumes
+    (same loader, device and readout) also writes the baselines' inputs that the probes only
+    read (:mod:`nidl_dino.baselines`): ``random_encoder.parquet``, the features of the teacher's
+    architecture with DINO's initial weights (``encoder_seed``), and ``intensities.parquet``,
+    the volumes block-averaged over ``pca_downsample``^3 voxels.
+    The manifest (scan_id, participant_id, session_id,
     table) is written last, so a run killed before the end leaves no manifest and is redone.
     Tables listed in a previous manifest but no longer produced (a scan now excluded) are
     removed, so no stale features survive.
@@ -245,12 +332,17 @@ def extract_cohort(
         preproc_dir: the workflow's preprocessing folder.
         manifest_path: the manifest to write.
         config: the ``extract:`` section (batch_size, num_workers, pooling, precision) plus
-            ``trainer`` (accelerator). Extraction runs in ``extract.precision``, float32
-            (``"32-true"``) unless asked otherwise, whatever precision training used.
+            ``trainer`` (accelerator), ``encoder_seed`` (the workflow's seed) and
+            ``pca_downsample`` (``probes.pca.downsample``). Extraction runs in
+            ``extract.precision``, float32 (``"32-true"``) unless asked otherwise, whatever
+            precision training used. ``num_workers: auto`` is ``threads``.
+        baselines_dir: folder of the baseline tables (None: no baselines).
+        threads: the job's CPUs (for ``num_workers: auto``).
 
     Returns:
         The manifest.
     """
+    from nidl_dino.data import resolve_num_workers
     from nidl_dino.encoders import DEFAULT_POOLING, feature_encoder
     from nidl_dino.tables import ok_scans, preprocessed_volume
 
@@ -278,25 +370,57 @@ def extract_cohort(
         if not key[3] or done.get(scan) != key or not (out_dir / f"{scan}.tsv").is_file()
     ]
     log.info(
-        "features: %d scan(s) to extract, %d unchanged (same model, readout and preprocessing)",
+        "features: %d scan(s) to write, %d unchanged (same model, readout and preprocessing)",
         len(todo),
         len(scans) - len(todo),
     )
     new = scans.iloc[todo].reset_index(drop=True)
-    features = extract_features(
-        feature_encoder(encoder, pooling),
-        [str(preprocessed_volume(preproc_dir, s)) for s in new["scan_id"]],
+    encoders = {"dino": feature_encoder(encoder, pooling)}
+    encoder_seed = int(config.get("encoder_seed", 0))
+    downsample = None
+    if baselines_dir is not None:
+        # read out like the DINO features (extract.pooling): only the weights differ
+        encoders["random_encoder"] = feature_encoder(
+            random_encoder_like(info, seed=encoder_seed), pooling
+        )
+        downsample = int(config.get("pca_downsample", 4))
+    try:
+        num_workers = resolve_num_workers(config.get("num_workers", 0), threads)
+    except UserError as err:
+        raise UserError(f"extract.{err}") from None
+    sets = extract_feature_sets(
+        encoders,
+        [str(preprocessed_volume(preproc_dir, s)) for s in scans["scan_id"]],
         batch_size=int(config.get("batch_size", 4)),
-        num_workers=int(config.get("num_workers", 0)),
+        num_workers=num_workers,
         accelerator=str(trainer.get("accelerator", "auto")),
         precision=precision,
+        downsample=downsample,
     )
+    features = sets["dino"]
     if not np.isfinite(features).all():
         raise UserError(
             f"the teacher in {teacher_path} produced non-finite features: training diverged; "
             "lower dino.learning_rate or set dino.clip_grad and re-train"
         )
-    write_subject_tables(features, new, out_dir, info["model_id"])
+    if baselines_dir is not None:
+        from nidl_dino.baselines import write_baseline_table
+
+        write_baseline_table(
+            Path(baselines_dir) / "random_encoder.parquet",
+            scans,
+            sets["random_encoder"],
+            {"encoder_seed": encoder_seed, "pooling": pooling, "teacher": info["model_id"]},
+        )
+        write_baseline_table(
+            Path(baselines_dir) / "intensities.parquet",
+            scans,
+            sets["intensities"],
+            {"downsample": downsample},
+        )
+    # every scan's features were computed (the baselines need a pass over every volume), but
+    # only the new or changed scans' tables are written: the others stay byte-identical
+    write_subject_tables(features[todo], new, out_dir, info["model_id"])
     manifest = scans[["scan_id", "participant_id", "session_id"]].copy()
     manifest["table"] = [f"{s}.tsv" for s in scans["scan_id"]]
     manifest["model_id"] = info["model_id"]

@@ -23,7 +23,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-from nidl_dino.data import DINODataModule
+from nidl_dino.data import DINODataModule, resolve_num_workers, resolve_views_on_device
 from nidl_dino.devices import trainer_options
 from nidl_dino.encoders import build_encoder
 from nidl_dino.errors import UserError
@@ -48,7 +48,8 @@ def training_fingerprint(config: Mapping[str, Any], volume_paths: Sequence[str])
         "batch_size": (config.get("data", {}) or {}).get("batch_size"),
         "volumes": sorted(os.path.basename(str(p)) for p in volume_paths),
     }
-    if (config.get("data", {}) or {}).get("views_on_device"):
+    views_on_device = (config.get("data", {}) or {}).get("views_on_device", False)
+    if resolve_views_on_device(views_on_device, trainer.get("accelerator", "auto")):
         # device views draw other random numbers than the CPU workers: no resume across them
         # (only added when set, so the fingerprints of existing CPU-view runs are unchanged)
         payload["views_on_device"] = True
@@ -110,6 +111,8 @@ def train_from_config(
     work_dir: str | os.PathLike,
     teacher_path: str | os.PathLike,
     val_paths: Sequence[str] | None = None,
+    threads: int | None = None,
+    memory_mb: float | None = None,
 ) -> dict[str, Any]:
     """Train DINO on ``volume_paths`` and save the teacher to ``teacher_path``.
 
@@ -122,6 +125,13 @@ def train_from_config(
             start) and ``training_curves.png`` go here.
         teacher_path: where the trained teacher is saved (:func:`nidl_dino.features.save_teacher`).
         val_paths: optional validation volumes.
+        threads: the job's CPUs, the loader workers of ``data.num_workers: auto`` (None: the
+            CPUs this process may run on).
+        memory_mb: the job's memory, which decides ``data.cache: auto`` (None: the cgroup
+            limit or the machine's memory).
+
+    ``data.views_on_device: auto`` is on when training runs on a CUDA GPU. The resolved values
+    are logged; the fingerprint sees the resolved ``views_on_device``.
 
     Returns:
         A summary: steps, epochs, resumed-from path, fingerprint, model id, final loss.
@@ -134,6 +144,21 @@ def train_from_config(
             f"training needs at least 2 scans that passed QC, got {len(volume_paths)}: check "
             "qc/qc.tsv for the exclusion reasons"
         )
+    data_cfg = dict(config.get("data", {}) or {})
+    accelerator = (config.get("trainer", {}) or {}).get("accelerator", "auto")
+    data_cfg["views_on_device"] = resolve_views_on_device(
+        data_cfg.get("views_on_device", False), accelerator
+    )
+    try:
+        data_cfg["num_workers"] = resolve_num_workers(data_cfg.get("num_workers", 0), threads)
+    except UserError as err:
+        raise UserError(f"data.{err}") from None
+    config = {**config, "data": data_cfg}
+    log.info(
+        "data: %d loader workers, views on the %s",
+        data_cfg["num_workers"],
+        "device" if data_cfg["views_on_device"] else "loader workers (CPU)",
+    )
     fingerprint = training_fingerprint(config, volume_paths)
     ckpt_dir = work / "checkpoints"
     rank = _launch_rank()
@@ -145,7 +170,6 @@ def train_from_config(
     if ckpt_path:
         log.info("resuming training from %s", ckpt_path)
 
-    data_cfg = dict(config.get("data", {}) or {})
     seed = int(config.get("seed", 0))
     datamodule = DINODataModule(
         volume_paths,
@@ -156,9 +180,10 @@ def train_from_config(
         persistent_workers=bool(data_cfg.get("persistent_workers", True)),
         cache=data_cfg.get("cache", "none"),
         cache_dir=data_cfg.get("cache_dir") or str(work / "cache"),
-        views_on_device=bool(data_cfg.get("views_on_device", False)),
+        views_on_device=data_cfg["views_on_device"],
         seed=seed,
         val_paths=val_paths,
+        memory_mb=memory_mb,
     )
 
     monitor = "val/loss" if val_paths else "train/loss_epoch"

@@ -262,6 +262,16 @@ def preprocess_batches(scan_ids: list[str], scans_per_job: int) -> dict[str, lis
     }
 
 
+def loader_threads(num_workers: int | str, threads: int | None) -> int:
+    """A rule's threads from its loader workers and ``resources.<rule>.threads``.
+
+    ``auto`` workers are the job's threads (:func:`nidl_dino.data.resolve_num_workers`), so the
+    threads alone; a count of workers asks for at least that many threads.
+    """
+    workers = 0 if num_workers == "auto" else int(num_workers)
+    return max(1, workers, int(threads or 1))
+
+
 def write_scan_cache(config: Mapping[str, Any], scans) -> None:
     """Cache the scan list for the cluster jobs of this run (rewritten only when it changed)."""
     path = scan_cache_path(config)

@@ -81,12 +81,116 @@ def test_bad_inputs_are_one_line_user_errors(volumes, tmp_path):
 
 def test_caches_give_the_same_volumes(volumes, tmp_path):
     paths, arrays = volumes
-    for cache in ("none", "memory", "disk"):
+    for cache in ("none", "memory", "disk", "disk"):  # disk twice: written, then read
         dataset = VolumeDataset(paths, cache=cache, cache_dir=tmp_path / "cache")
         for item, array in zip(dataset, arrays, strict=True):
-            assert type(item) is torch.Tensor
+            assert type(item) is torch.Tensor and item.dtype == torch.float32
+            assert tuple(item.shape) == (1, *SHAPE)
             np.testing.assert_array_equal(item[0].numpy(), array)
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == len(paths)
+    cached = sorted((tmp_path / "cache").glob("*.npy"))
+    assert len(cached) == len(paths)
+    # uncompressed float32 arrays, readable memory-mapped: 4 bytes a voxel plus the header
+    for path in cached:
+        array = np.load(path, mmap_mode="r")
+        assert isinstance(array, np.memmap) and array.dtype == np.float32
+        assert path.stat().st_size <= 4 * np.prod(SHAPE) + 128
+
+
+def test_disk_cache_reads_its_files_and_redoes_a_changed_source(volumes, tmp_path):
+    import os
+    import shutil
+
+    from nidl_dino.volume_cache import NpyVolumeCache
+
+    paths, arrays = volumes
+    source = tmp_path / "sub-00_T1w.nii.gz"
+    shutil.copy(paths[0], source)
+    calls = []
+
+    def load(path):
+        calls.append(path)
+        return VolumeDataset([path]).dataset[0]
+
+    cache = NpyVolumeCache(tmp_path / "cache", load)
+    first = cache(source)
+    second = cache(source)
+    assert calls == [str(source)] and torch.equal(first, second)
+    # a re-preprocessed volume (new contents, new mtime) is decoded again
+    nib.save(nib.Nifti1Image(arrays[1], np.eye(4)), source)
+    os.utime(source, ns=(1, 1))
+    np.testing.assert_array_equal(cache(source)[0].numpy(), arrays[1])
+    assert len(calls) == 2
+
+
+def test_auto_cache_is_memory_when_the_cohort_fits_else_disk(volumes, tmp_path):
+    from nidl_dino.volume_cache import plan_volume_cache
+
+    paths, _ = volumes
+    nbytes = 4 * int(np.prod(SHAPE)) * len(paths)
+    assert plan_volume_cache(paths, "auto", tmp_path / "c", memory_bytes=2 * nbytes) == "memory"
+    assert plan_volume_cache(paths, "auto", tmp_path / "c", memory_bytes=nbytes) == "disk"
+    dm = DINODataModule(paths, VIEWS, batch_size=2, cache="auto", cache_dir=tmp_path / "c")
+    assert dm.cache == "memory"  # 5 x 32 kB fit any job
+    dm = DINODataModule(
+        paths, VIEWS, batch_size=2, cache="auto", cache_dir=tmp_path / "c", memory_mb=0.1
+    )
+    assert dm.cache == "disk"
+    first_batch(dm)
+    assert len(list((tmp_path / "c").glob("*.npy"))) >= 2
+
+
+def test_a_disk_cache_too_large_for_its_folder_stops_before_training(
+    volumes, tmp_path, monkeypatch
+):
+    import shutil
+    from collections import namedtuple
+
+    paths, _ = volumes
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(UserError, match=r"data.cache_dir .*needs .* free") as err:
+        DINODataModule(paths, VIEWS, batch_size=2, cache="disk", cache_dir=tmp_path / "c")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="data.cache_dir"):
+        DINODataModule(
+            paths, VIEWS, batch_size=2, cache="auto", cache_dir=tmp_path / "c", memory_mb=0.1
+        )
+    # volumes already cached need no space
+    monkeypatch.undo()
+    VolumeDataset(paths, cache="disk", cache_dir=tmp_path / "c")[0]
+    list(VolumeDataset(paths, cache="disk", cache_dir=tmp_path / "c"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    dm = DINODataModule(paths, VIEWS, batch_size=2, cache="disk", cache_dir=tmp_path / "c")
+    assert dm.cache == "disk"
+
+
+def test_cache_dir_expands_environment_variables(volumes, tmp_path, monkeypatch):
+    paths, _ = volumes
+    monkeypatch.setenv("NIDL_TEST_SCRATCH", str(tmp_path / "scratch"))
+    VolumeDataset(paths[:1], cache="disk", cache_dir="$NIDL_TEST_SCRATCH/cache")[0]
+    assert len(list((tmp_path / "scratch" / "cache").glob("*.npy"))) == 1
+    monkeypatch.delenv("NIDL_TEST_SCRATCH")
+    with pytest.raises(UserError, match="unset environment variable"):
+        VolumeDataset(paths[:1], cache="disk", cache_dir="$NIDL_TEST_SCRATCH/cache")
+
+
+def test_auto_workers_and_device_views(monkeypatch):
+    import os
+
+    from nidl_dino.data import resolve_num_workers, resolve_views_on_device
+
+    assert resolve_num_workers("auto", threads=12) == 12
+    assert resolve_num_workers("auto") == len(os.sched_getaffinity(0))
+    assert resolve_num_workers(3, threads=12) == 3
+    with pytest.raises(UserError, match="num_workers"):
+        resolve_num_workers("many")
+    assert resolve_views_on_device(True, "cpu") and not resolve_views_on_device(False, "gpu")
+    assert resolve_views_on_device("auto", "gpu") and resolve_views_on_device("auto", "cuda")
+    assert not resolve_views_on_device("auto", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not resolve_views_on_device("auto", "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_views_on_device("auto", "auto")
 
 
 def test_seeded_runs_repeat_and_seeds_differ(volumes):

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from nidl_dino.errors import UserError
 from nidl_dino.evaluation import _largest_pca
 
 
@@ -24,12 +25,11 @@ def test_largest_pca_fits_the_smallest_inner_training_fold(n, n_splits, inner):
         PCA(n_components=expected).fit(x)
 
 
-def test_feature_sets_align_with_ok_rows(tmp_path):
+def _cohort_with_teacher(tmp_path):
     import nibabel as nib
     import torch
 
     from nidl_dino.encoders import build_encoder
-    from nidl_dino.evaluation import feature_sets_for
     from nidl_dino.features import save_teacher
 
     rng = np.random.default_rng(0)
@@ -38,8 +38,8 @@ def test_feature_sets_align_with_ok_rows(tmp_path):
     for scan in scans:
         folder = tmp_path / "preproc" / scan
         folder.mkdir(parents=True)
-        img = nib.Nifti1Image(rng.random((16, 16, 16)).astype(np.float32), np.eye(4))
-        nib.save(img, folder / f"{scan}_desc-preproc_T1w.nii.gz")
+        volume = rng.random((16, 16, 18)).astype(np.float32)
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), folder / f"{scan}_desc-preproc_T1w.nii.gz")
     qc = pd.DataFrame(
         {
             "participant_id": scans,
@@ -50,22 +50,68 @@ def test_feature_sets_align_with_ok_rows(tmp_path):
             "metrics.etiv_ml": [1000.0, np.nan, 1100.0, 1200.0, 1300.0],
         }
     )
-    cohort = qc[["participant_id", "session_id", "status", "reason"]].copy()
+    cohort = qc[["participant_id", "session_id", "scan_id", "status", "reason"]].copy()
     cohort["age"] = [20, 30, 40, 50, 60]
     cohort["feature_0000"] = [0.1, np.nan, 0.3, 0.4, 0.5]
     torch.manual_seed(0)
     encoder = build_encoder({"name": "small_cnn", "kwargs": {}})
     teacher = tmp_path / "teacher.pt"
     save_teacher(encoder, {"name": "small_cnn", "kwargs": {}}, teacher)
-    table, sets = feature_sets_for(cohort, qc, teacher, tmp_path / "preproc", {"seed": 0})
+    return cohort, qc, teacher, encoder
+
+
+def _extract(tmp_path, qc, teacher, **config):
+    from nidl_dino.features import extract_cohort
+
+    config = {"trainer": {"accelerator": "cpu"}, "batch_size": 2, **config}
+    out = tmp_path / "features"
+    extract_cohort(teacher, qc, tmp_path / "preproc", out / "manifest.tsv", config, out / "base")
+    return {
+        "random_encoder": out / "base" / "random_encoder.parquet",
+        "intensities": out / "base" / "intensities.parquet",
+    }
+
+
+def test_feature_sets_align_with_ok_rows_and_read_the_extract_jobs_tables(tmp_path):
+    from nidl_dino.baselines import downsampled_intensities
+    from nidl_dino.encoders import feature_encoder
+    from nidl_dino.evaluation import feature_sets_for, random_encoder_like
+    from nidl_dino.features import extract_features
+    from nidl_dino.tables import ok_volumes
+
+    cohort, qc, teacher, encoder = _cohort_with_teacher(tmp_path)
+    # the extract job computes the baselines' inputs; the probes only read them
+    baselines = _extract(tmp_path, qc, teacher, encoder_seed=3, pca_downsample=4)
+    table, sets = feature_sets_for(cohort, qc, baselines, {"seed": 0, "pca": {"downsample": 4}})
     assert list(table["participant_id"]) == ["sub-00", "sub-02", "sub-03", "sub-04"]
     assert sets["dino"][:, 0].tolist() == pytest.approx([0.1, 0.3, 0.4, 0.5])
     assert sets["brain_volume"][:, 0].tolist() == [1000.0, 1100.0, 1200.0, 1300.0]
-    # read out like the DINO features: std and mean of every stage of small_cnn by default
+    # read out like the DINO features: std and mean of every stage of small_cnn by default,
+    # from DINO's initial weights (encoder_seed), the same numbers a separate pass would give
+    volumes = ok_volumes(qc, tmp_path / "preproc")
+    expected = extract_features(
+        feature_encoder(random_encoder_like(teacher, seed=3), "stages_mean_std"),
+        volumes,
+        accelerator="cpu",
+    )
     assert sets["random_encoder"].shape == (4, 2 * (16 + 32 + 64 + 128))
-    assert sets["intensity_pca"].X.shape[0] == 4
-    config = {"seed": 0, "extract": {"pooling": "last"}}
-    _, sets = feature_sets_for(cohort, qc, teacher, tmp_path / "preproc", config)
+    np.testing.assert_allclose(sets["random_encoder"], expected, rtol=1e-5, atol=1e-6)
+    # 4^3 block means of the 16 x 16 x 18 volumes (the trailing 2 slices dropped)
+    assert sets["intensity_pca"].X.shape == (4, 4 * 4 * 4)
+    np.testing.assert_allclose(
+        sets["intensity_pca"].X, downsampled_intensities(volumes, 4), rtol=1e-5, atol=1e-6
+    )
+    # a cohort row the tables do not have: rerun extract
+    rows, renamed = qc.copy(), cohort.copy()
+    rows.loc[rows["scan_id"] == "sub-02", "scan_id"] = "sub-99"
+    renamed.loc[renamed["scan_id"] == "sub-02", "scan_id"] = "sub-99"
+    with pytest.raises(UserError, match="rerun extract"):
+        feature_sets_for(renamed, rows, baselines, {"seed": 0})
+    # another downsampling than the tables': rerun extract
+    with pytest.raises(UserError, match="probes.pca.downsample"):
+        feature_sets_for(cohort, qc, baselines, {"seed": 0, "pca": {"downsample": 2}})
+    baselines = _extract(tmp_path, qc, teacher, pooling="last", pca_downsample=4)
+    _, sets = feature_sets_for(cohort, qc, baselines, {"seed": 0})
     assert sets["random_encoder"].shape == (4, encoder.output_dim)
 
 

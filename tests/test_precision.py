@@ -186,11 +186,11 @@ def test_extraction_runs_float32_unless_asked_whatever_training_used(
 
     seen = {}
 
-    def fake_extract(encoder, paths, **kwargs):
+    def fake_extract(encoders, paths, **kwargs):
         seen.update(kwargs)
-        return np.zeros((len(paths), 3), dtype=np.float32)
+        return {name: np.zeros((len(paths), 3), dtype=np.float32) for name in encoders}
 
-    monkeypatch.setattr(features, "extract_features", fake_extract)
+    monkeypatch.setattr(features, "extract_feature_sets", fake_extract)
     monkeypatch.setattr(
         features, "load_teacher", lambda path: (torch.nn.Identity(), {"model_id": "m"})
     )

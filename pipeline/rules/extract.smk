@@ -2,6 +2,9 @@
 # table per scan (features/<scan_id>.tsv) and a manifest of them. Excluded scans get no table.
 # A table made by the same model, readout and preprocessing is kept as it is: a study that grows
 # under a given teacher (model.teacher) extracts only its new scans.
+# The same pass over the volumes, on the same device, writes the baselines' inputs that the
+# probe job reads (features/baselines/): random-weights encoder features, downsampled volumes.
+from nidl_dino.workflow import loader_threads
 
 
 rule extract:
@@ -10,13 +13,15 @@ rule extract:
         qc=f"{OUT}/qc/qc.tsv",
     output:
         manifest=f"{OUT}/features/manifest.tsv",
+        random_encoder=f"{OUT}/features/baselines/random_encoder.parquet",
+        intensities=f"{OUT}/features/baselines/intensities.parquet",
     log:
         f"{OUT}/logs/extract.log",
     conda:
         "../../envs/dino.yaml"
+    # extract.num_workers: auto makes as many loader workers as threads.
     threads:
-        max(
-            1,
+        loader_threads(
             config["extract"]["num_workers"],
             config["resources"]["extract"].get("threads", 1),
         )
@@ -27,7 +32,13 @@ rule extract:
         tasks_per_gpu=0,  # one process (see rule train)
     params:
         scans=SCANS[["scan_id", "participant_id", "session_id"]].to_dict("records"),
-        config=lambda wc: {**config["extract"], "trainer": config["trainer"]},
+        config=lambda wc: {
+            **config["extract"],
+            "trainer": config["trainer"],
+            # the random-weights baseline starts from DINO's own initial weights
+            "encoder_seed": config["seed"],
+            "pca_downsample": config["probes"]["pca"]["downsample"],
+        },
         preproc_dir=f"{OUT}/preproc",
     script:
         "../scripts/extract.py"

@@ -1,12 +1,14 @@
 # Are the features any good? Cross-validated linear probes of the DINO features and of baselines
 # (random-weights encoder, intensity PCA, brain volume, chance) on the same scans and folds.
+# Tables only: the baselines' inputs come from the extract job (features/baselines/).
 
 
 rule probe:
     input:
         cohort=f"{OUT}/features/cohort.parquet",
         qc=f"{OUT}/qc/qc.tsv",
-        teacher=TEACHER,
+        random_encoder=f"{OUT}/features/baselines/random_encoder.parquet",
+        intensities=f"{OUT}/features/baselines/intensities.parquet",
     output:
         scores=report(
             f"{OUT}/probes/scores.tsv",
@@ -26,13 +28,6 @@ rule probe:
         "../../envs/dino.yaml"
     threads: 1
     params:
-        config=lambda wc: {
-            **config["probes"],
-            "extract": config["extract"],
-            # The random-weights baseline starts from DINO's own initial weights; the folds
-            # keep probes.seed.
-            "encoder_seed": config["seed"],
-        },
-        preproc_dir=f"{OUT}/preproc",
+        config=config["probes"],
     script:
         "../scripts/probe.py"

@@ -2,6 +2,7 @@
 # model.teacher is given. The teacher file records the preprocessing it expects (its model card). Checkpoints and logs go to model/work/, which is
 # not a declared output: Snakemake keeps it when a killed job is re-run, and training resumes
 # from model/work/checkpoints/last.ckpt.
+from nidl_dino.workflow import loader_threads
 
 
 rule train:
@@ -21,7 +22,12 @@ rule train:
         "../../envs/dino.yaml"
     # torch's threads for the network (Snakemake lowers them to --cores on a workstation); the
     # view-making loader workers run beside them.
-    threads: max(1, config["data"]["num_workers"], config["resources"]["train"].get("threads", 1))
+    # data.num_workers: auto makes as many loader workers as threads.
+    threads:
+        loader_threads(
+            config["data"]["num_workers"],
+            config["resources"]["train"].get("threads", 1),
+        )
     resources:
         gpu=config["resources"]["train"]["gpu"],
         mem_mb=config["resources"]["train"]["mem_mb"],

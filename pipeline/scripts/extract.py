@@ -1,4 +1,5 @@
-# Teacher features for every scan that passed QC: one model load, one table per scan.
+# Teacher features for every scan that passed QC (one model load, one table per scan), and the
+# baselines' inputs from the same pass over the volumes.
 import sys
 from pathlib import Path
 
@@ -15,4 +16,6 @@ with job(snakemake.log[0], "extract"):
         preproc_dir=snakemake.params.preproc_dir,
         manifest_path=snakemake.output.manifest,
         config=snakemake.params.config,
+        baselines_dir=Path(snakemake.output.random_encoder).parent,
+        threads=snakemake.threads,
     )

@@ -22,8 +22,10 @@ with job(snakemake.log[0], "probe") as log:
     scores, predictions, note = evaluate_cohort(
         pd.read_parquet(snakemake.input.cohort),
         read_qc_table(snakemake.input.qc),
-        snakemake.input.teacher,
-        snakemake.params.preproc_dir,
+        {
+            "random_encoder": snakemake.input.random_encoder,
+            "intensities": snakemake.input.intensities,
+        },
         snakemake.params.config,
     )
     write_probe_table(scores, snakemake.output.scores)

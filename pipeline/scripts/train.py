@@ -24,6 +24,8 @@ with job(snakemake.log[0], "train") as log:
         snakemake.params.config,
         work_dir=snakemake.params.work,
         teacher_path=snakemake.output.teacher,
+        threads=snakemake.threads,
+        memory_mb=snakemake.resources.get("mem_mb"),
     )
     work = Path(snakemake.params.work)
     for name, target in (("training_curves.png", "curves"), ("training_summary.json", "summary")):
