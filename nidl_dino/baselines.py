@@ -247,89 +247,78 @@ def brain_volume_feature(qc_table: pd.DataFrame, column: str = "etiv_ml") -> np.
     return values.to_numpy(dtype=float).reshape(-1, 1)
 
 
-#: Columns of :func:`tissue_class_features`, CSF, grey and white matter by increasing T1w mean.
+#: Bins of the brain-intensity histogram the extract job writes (over the normalised [0, 1]).
+HISTOGRAM_BINS = 128
+#: Columns of :func:`tissue_class_features`: CSF, grey and white matter by increasing T1w mean.
 TISSUE_COLUMNS = ("csf_fraction", "gm_fraction", "wm_fraction", "csf_mean", "gm_mean", "wm_mean")
 
 
-def _template_brain(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+def template_brain(shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
     """The registered template's brain (MNI152 above nilearn's brain threshold) on a grid."""
     from nidl_dino.preprocessing.template import BRAIN_THRESHOLD, template_on_grid
 
-    return template_on_grid(tuple(int(s) for s in shape), affine) > BRAIN_THRESHOLD
+    return template_on_grid(tuple(int(s) for s in shape), np.asarray(affine)) > BRAIN_THRESHOLD
 
 
-def brain_intensities(path: str | Path) -> np.ndarray:
-    """The preprocessed volume's intensities inside the template brain (1-D float32).
-
-    Raises:
-        UserError: an unreadable file or a volume that is not 3D.
-    """
-    try:
-        image = nib.load(path)
-    except (OSError, ImageFileError) as err:
-        raise UserError(f"{path}: cannot read as NIfTI ({err}); check the file") from err
-    volume = np.asarray(image.dataobj, dtype=np.float32)
-    if volume.ndim == 4 and volume.shape[3] == 1:
-        volume = volume[..., 0]
-    if volume.ndim != 3:
-        raise UserError(f"{path}: volume of shape {volume.shape}; expected a 3D volume")
-    values = volume[_template_brain(volume.shape, image.affine)]
-    return values[np.isfinite(values)]
-
-
-def intensity_histogram_features(
-    volume_paths: Sequence[str | Path], bins: int = 32, value_range: tuple[float, float] = (0, 1)
-) -> np.ndarray:
-    """The intensity-histogram baseline: the fraction of brain voxels in each intensity bin.
+def intensity_histogram_features(histograms: np.ndarray, bins: int = 32) -> np.ndarray:
+    """The intensity-histogram baseline: the fraction of brain voxels in ``bins`` equal bins.
 
     Ageing shifts the brain's intensity distribution (more CSF, less grey/white contrast), which
     a histogram of the registered, normalised brain captures without any spatial model: a strong
     age baseline for image features to beat.
 
     Args:
-        volume_paths: preprocessed NIfTI files, in the cohort table's row order.
-        bins: number of equal-width bins over ``value_range`` (values outside go to the end bins).
-        value_range: the normalised intensity range (percentile normalisation: [0, 1]).
+        histograms: (N, B) fractions of brain voxels in B equal bins over [0, 1] (the extract
+            job's ``brain_histogram`` table), B a multiple of ``bins``.
+        bins: bins of the baseline (neighbouring bins are summed).
 
     Returns:
-        Float array (len(volume_paths), bins), each row summing to 1.
+        Float array (N, bins), rows summing to 1.
     """
-    edges = np.linspace(value_range[0], value_range[1], int(bins) + 1)
-    rows = []
-    for path in volume_paths:
-        values = np.clip(brain_intensities(path), value_range[0], value_range[1])
-        counts, _ = np.histogram(values, bins=edges)
-        rows.append(counts / max(1, counts.sum()))
-    return np.asarray(rows, dtype=float).reshape(len(rows), int(bins))
+    n, fine = histograms.shape
+    if fine % int(bins):
+        raise ValueError(f"{fine} histogram bins cannot be grouped into {bins}")
+    return histograms.reshape(n, int(bins), fine // int(bins)).sum(axis=2)
 
 
-def tissue_class_features(
-    volume_paths: Sequence[str | Path], max_voxels: int = 20000, seed: int = 0
-) -> np.ndarray:
+def tissue_class_features(histograms: np.ndarray, iterations: int = 200) -> np.ndarray:
     """The tissue-class baseline: a 3-class Gaussian mixture of each brain's intensities.
 
     The classes, ordered by mean T1w intensity, are CSF, grey and white matter; the features are
-    their fractions of the brain (the mixture weights: tissue volumes relative to the template
-    brain) and their mean intensities (grey/white contrast).
+    their fractions of the template brain (the mixture weights, tissue volumes relative to the
+    brain) and their mean intensities (grey/white contrast). The mixture is fitted by EM on the
+    brain's intensity histogram, each bin centre weighted by its fraction of voxels: written by
+    hand because scikit-learn's GaussianMixture takes no sample weights, and the histogram is
+    what the extract job keeps of each volume.
 
     Args:
-        volume_paths: preprocessed NIfTI files, in the cohort table's row order.
-        max_voxels: the mixture is fitted on at most this many brain voxels (a seeded sample).
-        seed: seed of the voxel sample and the mixture's initialisation.
+        histograms: (N, B) fractions of brain voxels in B equal bins over [0, 1].
+        iterations: EM iterations (from the 15th, 50th and 85th percentiles).
 
     Returns:
-        Float array (len(volume_paths), 6), columns :data:`TISSUE_COLUMNS`.
+        Float array (N, 6), columns :data:`TISSUE_COLUMNS`.
     """
-    from sklearn.mixture import GaussianMixture
-
-    rng = np.random.default_rng(seed)
+    n, bins = histograms.shape
+    x = (np.arange(bins) + 0.5) / bins
+    floor = (1.0 / bins) ** 2 / 12  # a class never narrower than one bin
     rows = []
-    for path in volume_paths:
-        values = brain_intensities(path).astype(np.float64)
-        if len(values) > max_voxels:
-            values = rng.choice(values, size=max_voxels, replace=False)
-        start = np.percentile(values, [15, 50, 85]).reshape(3, 1)  # CSF, GM, WM guesses
-        gmm = GaussianMixture(3, means_init=start, random_state=seed).fit(values.reshape(-1, 1))
-        order = np.argsort(gmm.means_.ravel())
-        rows.append([*gmm.weights_[order], *gmm.means_.ravel()[order]])
-    return np.asarray(rows, dtype=float).reshape(len(rows), len(TISSUE_COLUMNS))
+    for weights in np.asarray(histograms, dtype=float):
+        weights = weights / max(weights.sum(), 1e-12)
+        cdf = np.cumsum(weights)
+        mean = x[np.searchsorted(cdf, [0.15, 0.5, 0.85]).clip(0, bins - 1)].astype(float)
+        var = np.full(3, 0.01)
+        prior = np.full(3, 1 / 3)
+        for _ in range(iterations):
+            log_p = (
+                np.log(prior) - 0.5 * np.log(2 * np.pi * var) - (x[:, None] - mean) ** 2 / (2 * var)
+            )
+            log_p -= log_p.max(axis=1, keepdims=True)
+            resp = np.exp(log_p)
+            resp /= resp.sum(axis=1, keepdims=True)
+            mass = (weights[:, None] * resp).sum(axis=0) + 1e-12
+            prior = mass / mass.sum()
+            mean = (weights[:, None] * resp * x[:, None]).sum(axis=0) / mass
+            var = (weights[:, None] * resp * (x[:, None] - mean) ** 2).sum(axis=0) / mass + floor
+        order = np.argsort(mean)
+        rows.append([*prior[order], *mean[order]])
+    return np.asarray(rows, dtype=float).reshape(n, len(TISSUE_COLUMNS))

@@ -8,10 +8,13 @@ passed QC, aligned row by row with the cohort table:
   (DINO's initial weights), read out like the DINO features;
 - ``intensity_pca``: block-averaged intensities of the preprocessed volumes, PCA fitted inside
   every training fold (no leakage);
+- ``intensity_histogram``: the fraction of the registered brain's voxels in 32 intensity bins;
+- ``tissue_classes``: CSF, grey and white matter fractions and mean intensities from a 3-class
+  intensity mixture inside the brain;
 
-the first two computed by the ``extract`` job, on its device, in its one pass over the volumes
-(``features/baselines/*.parquet``): the probes read tables only.
-- ``brain_volume``: the brain volume measured by preprocessing QC, as a one-feature model;
+these computed from what the ``extract`` job wrote, on its device, in its one pass over the
+volumes (``features/baselines/*.parquet``): the probes read tables only.
+- ``brain_volume``: head size (``etiv_ml``) from preprocessing QC, as a one-feature model;
 - ``chance``: the training-fold mean (regression) or class prior (classification).
 """
 
@@ -27,7 +30,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from nidl_dino.baselines import brain_volume_feature, pca_feature_set, read_baseline_table
+from nidl_dino.baselines import (
+    brain_volume_feature,
+    intensity_histogram_features,
+    pca_feature_set,
+    read_baseline_table,
+    tissue_class_features,
+)
 from nidl_dino.cohort import FEATURE_PREFIX
 from nidl_dino.errors import UserError
 from nidl_dino.features import load_teacher
@@ -100,6 +109,10 @@ def feature_sets_for(
         sets["intensity_pca"] = pca_feature_set(
             intensities, n_components=n_components, seed=int(config.get("seed", 0))
         )
+    if "brain_histogram" in baselines:
+        histograms, _ = read_baseline_table(baselines["brain_histogram"], scan_ids)
+        sets["intensity_histogram"] = intensity_histogram_features(histograms, bins=32)
+        sets["tissue_classes"] = tissue_class_features(histograms)
     column = config.get("brain_volume_column", "etiv_ml")
     qc_column = next((c for c in qc_rows.columns if c == column or c.endswith(f".{column}")), None)
     if qc_column is not None:

@@ -157,6 +157,7 @@ def extract_feature_sets(
     accelerator: str = "auto",
     precision: str | int | None = "32-true",
     downsample: int | None = None,
+    histogram_bins: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Every encoder's features of each volume, from one pass of the loader over the volumes.
 
@@ -174,6 +175,10 @@ def extract_feature_sets(
             ``downsample``^3 voxels and flattened (the intensity-PCA baseline's input, as
             :func:`nidl_dino.baselines.downsampled_intensities` computes it; non-finite voxels
             count as 0), computed in float32 on the device.
+        histogram_bins: also return ``"brain_histogram"``: the fraction of the voxels inside
+            the registered template brain (:func:`nidl_dino.baselines.template_brain`, on the
+            first volume's grid) in each of ``histogram_bins`` equal bins over [0, 1] (values
+            outside go to the end bins), computed on the device.
 
     Returns:
         name -> float32 array ``(N, F)``, in the order of ``volume_paths``.
@@ -192,6 +197,8 @@ def extract_feature_sets(
         }
         if downsample:
             out["intensities"] = np.zeros((0, 0), dtype=np.float32)
+        if histogram_bins:
+            out["brain_histogram"] = np.zeros((0, int(histogram_bins)), dtype=np.float32)
         return out
     fabric = Fabric(accelerator=accelerator, devices=1, precision=precision)
     models = {}
@@ -205,6 +212,15 @@ def extract_feature_sets(
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in models}
     if downsample:
         chunks["intensities"] = []
+    brain = None
+    if histogram_bins:
+        import nibabel as nib
+
+        from nidl_dino.baselines import template_brain
+
+        first = nib.load(volume_paths[0])
+        brain = torch.as_tensor(template_brain(first.shape[:3], first.affine))
+        chunks["brain_histogram"] = []
     done, start = 0, time.perf_counter()
     report_every = max(1, len(loader) // 10)  # about ten progress lines per extraction
     with torch.inference_mode():
@@ -216,11 +232,29 @@ def extract_feature_sets(
                 chunks[name].append(model(x).float().cpu())
             if downsample:
                 chunks["intensities"].append(_block_average(x, int(downsample), volume_paths[0]))
+            if brain is not None:
+                brain = brain.to(x.device)
+                chunks["brain_histogram"].append(_brain_histogram(x, brain, int(histogram_bins)))
             done += len(x)
             if i % report_every == 0 or i == len(loader):
                 rate = done / max(time.perf_counter() - start, 1e-9)
                 log.info("features: %d of %d scans (%.1f scans/s)", done, len(volume_paths), rate)
     return {name: torch.cat(parts).numpy() for name, parts in chunks.items()}
+
+
+def _brain_histogram(x: torch.Tensor, brain: torch.Tensor, bins: int) -> torch.Tensor:
+    """(B, bins) fractions of each volume's brain voxels per equal bin of [0, 1], float32."""
+    if tuple(x.shape[-3:]) != tuple(brain.shape):
+        raise UserError(
+            f"volumes of shape {tuple(x.shape[-3:])} and {tuple(brain.shape)} in one extraction: "
+            "use the preprocessed (registered) volumes"
+        )
+    values = x.float().flatten(1)[:, brain.flatten()].clamp(0.0, 1.0)
+    index = (values * bins).long().clamp(max=bins - 1)
+    counts = torch.zeros(len(x), bins, device=x.device).scatter_add_(
+        1, index, torch.ones_like(values)
+    )
+    return (counts / values.shape[1]).cpu()
 
 
 def _block_average(x: torch.Tensor, factor: int, first_path: str) -> torch.Tensor:
@@ -384,6 +418,7 @@ def extract_cohort(
             random_encoder_like(info, seed=encoder_seed), pooling
         )
         downsample = int(config.get("pca_downsample", 4))
+        from nidl_dino.baselines import HISTOGRAM_BINS
     try:
         num_workers = resolve_num_workers(config.get("num_workers", 0), threads)
     except UserError as err:
@@ -396,6 +431,7 @@ def extract_cohort(
         accelerator=str(trainer.get("accelerator", "auto")),
         precision=precision,
         downsample=downsample,
+        histogram_bins=HISTOGRAM_BINS if baselines_dir is not None else None,
     )
     features = sets["dino"]
     if not np.isfinite(features).all():
@@ -417,6 +453,12 @@ def extract_cohort(
             scans,
             sets["intensities"],
             {"downsample": downsample},
+        )
+        write_baseline_table(
+            Path(baselines_dir) / "brain_histogram.parquet",
+            scans,
+            sets["brain_histogram"],
+            {"bins": HISTOGRAM_BINS, "range": [0.0, 1.0], "region": "template brain"},
         )
     # every scan's features were computed (the baselines need a pass over every volume), but
     # only the new or changed scans' tables are written: the others stay byte-identical

@@ -15,6 +15,7 @@ rule extract:
         manifest=f"{OUT}/features/manifest.tsv",
         random_encoder=f"{OUT}/features/baselines/random_encoder.parquet",
         intensities=f"{OUT}/features/baselines/intensities.parquet",
+        brain_histogram=f"{OUT}/features/baselines/brain_histogram.parquet",
     log:
         f"{OUT}/logs/extract.log",
     conda:

@@ -9,6 +9,7 @@ rule probe:
         qc=f"{OUT}/qc/qc.tsv",
         random_encoder=f"{OUT}/features/baselines/random_encoder.parquet",
         intensities=f"{OUT}/features/baselines/intensities.parquet",
+        brain_histogram=f"{OUT}/features/baselines/brain_histogram.parquet",
     output:
         scores=report(
             f"{OUT}/probes/scores.tsv",

@@ -25,6 +25,7 @@ with job(snakemake.log[0], "probe") as log:
         {
             "random_encoder": snakemake.input.random_encoder,
             "intensities": snakemake.input.intensities,
+            "brain_histogram": snakemake.input.brain_histogram,
         },
         snakemake.params.config,
     )
