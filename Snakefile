@@ -15,6 +15,7 @@ configfile: os.path.join(workflow.basedir, "config.yaml")
 # The checkout's package is importable by the rules' scripts without installation, so the
 # conda environments (--use-conda) only need the dependencies.
 sys.path.insert(0, workflow.basedir)
+from nidl_dino.distributed import train_job_resources
 from nidl_dino.errors import UserError
 from nidl_dino.inputs import scan_id_wildcard_constraint
 from nidl_dino.workflow import check_config, discover, ensure_demo_data, fail

@@ -24,6 +24,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from nidl_dino.data import DINODataModule
+from nidl_dino.distributed import RankRecord, n_devices
 from nidl_dino.encoders import build_encoder
 from nidl_dino.errors import UserError
 from nidl_dino.estimator import DINO
@@ -169,6 +170,14 @@ def train_from_config(
     ]
     trainer_cfg = dict(config.get("trainer", {}) or {})
     trainer_cfg.setdefault("log_every_n_steps", 1)
+    if n_devices(trainer_cfg) > 1:
+        # each rank records its shard and its final teacher (work/ranks/rank-<r>.json)
+        callbacks.append(RankRecord(work / "ranks"))
+        # PyTorch's SyncBatchNorm runs on GPUs only; on CPUs the estimator averages the
+        # BatchNorm buffers across ranks after each step instead
+        accelerator = str(trainer_cfg.get("accelerator", "auto"))
+        if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+            trainer_cfg.setdefault("sync_batchnorm", True)
     model = build_model(
         config,
         num_local_crops=datamodule.num_local_crops,
@@ -179,6 +188,16 @@ def train_from_config(
         **trainer_cfg,
     )
     model.fit(datamodule=datamodule, ckpt_path=ckpt_path)
+    summary = {
+        "fingerprint": fingerprint,
+        "resumed_from": ckpt_path,
+        "global_step": int(model.trainer.global_step),
+        "epochs": int(model.trainer.current_epoch),
+        "n_train_volumes": len(volume_paths),
+        "final_loss": _to_float(model.trainer.callback_metrics.get("train/loss_epoch")),
+    }
+    if not model.trainer.is_global_zero:
+        return summary  # every rank holds the same teacher: rank 0 writes the outputs
 
     model_id = save_teacher(
         model.teacher,
@@ -192,15 +211,7 @@ def train_from_config(
     plot_training_curves(
         sorted((work / "logs" / "csv").glob("version_*/metrics.csv")), work / "training_curves.png"
     )
-    summary = {
-        "model_id": model_id,
-        "fingerprint": fingerprint,
-        "resumed_from": ckpt_path,
-        "global_step": int(model.trainer.global_step),
-        "epochs": int(model.trainer.current_epoch),
-        "n_train_volumes": len(volume_paths),
-        "final_loss": _to_float(model.trainer.callback_metrics.get("train/loss_epoch")),
-    }
+    summary = {"model_id": model_id, **summary}
     (work / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

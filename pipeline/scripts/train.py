@@ -1,24 +1,58 @@
 # Train DINO on the scans that passed QC; resumes from model/work/checkpoints/last.ckpt.
+# With trainer.devices: N > 1 inside a SLURM job (profiles/slurm), the N ranks are started here
+# with srun, one per task of the job (nidl_dino.distributed).
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))  # noqa: F821
 
+from nidl_dino.distributed import (  # noqa: E402
+    in_slurm_allocation,
+    n_devices,
+    rank_paths,
+    run_ranks,
+)
 from nidl_dino.jobs import job  # noqa: E402
 from nidl_dino.tables import ok_volumes, read_qc_table  # noqa: E402
-from nidl_dino.training import train_from_config  # noqa: E402
+from nidl_dino.training import (  # noqa: E402
+    resume_checkpoint,
+    train_from_config,
+    training_fingerprint,
+)
 
 with job(snakemake.log[0], "train") as log:  # noqa: F821
     qc = read_qc_table(snakemake.input.qc)  # noqa: F821
     volumes = ok_volumes(qc, Path(snakemake.input.volumes[0]).parent)  # noqa: F821
     log.info("training on %d of %d scans (the others were excluded by QC)", len(volumes), len(qc))
-    summary = train_from_config(
-        volumes,
-        snakemake.params.config,  # noqa: F821
-        work_dir=snakemake.params.work,  # noqa: F821
-        teacher_path=snakemake.output.teacher,  # noqa: F821
-    )
+    config = snakemake.params.config  # noqa: F821
     work = Path(snakemake.params.work)  # noqa: F821
+    n_tasks = n_devices(config.get("trainer"))
+    if n_tasks > 1 and in_slurm_allocation():
+        # stale checkpoints are moved aside once, here, before the ranks look at them
+        resume_checkpoint(work / "checkpoints", training_fingerprint(config, volumes))
+        log.info("starting %d training ranks with srun (output below, prefixed by rank)", n_tasks)
+        spec = {
+            "volume_paths": rank_paths(volumes),
+            "config": config,
+            "work_dir": str(work.resolve()),
+            "teacher_path": str(Path(snakemake.output.teacher).resolve()),  # noqa: F821
+        }
+        run_ranks(
+            n_tasks,
+            snakemake.threads,  # noqa: F821
+            spec,
+            work / "ranks_spec.json",
+            log=log,
+        )
+        summary = json.loads((work / "training_summary.json").read_text())
+    else:
+        summary = train_from_config(
+            volumes,
+            config,
+            work_dir=work,
+            teacher_path=snakemake.output.teacher,  # noqa: F821
+        )
     for name, target in (("training_curves.png", "curves"), ("training_summary.json", "summary")):
         Path(snakemake.output[target]).write_bytes((work / name).read_bytes())  # noqa: F821
     log.info("trained: %s", summary)
