@@ -20,6 +20,7 @@ configfile: os.path.join(workflow.basedir, "config.yaml")
 # conda environments (--use-conda) only need the dependencies.
 sys.path.insert(0, workflow.basedir)
 from nidl_dino.derivatives import generated_by
+from nidl_dino.distributed import train_job_resources
 from nidl_dino.errors import UserError
 from nidl_dino.inputs import scan_id_wildcard_constraint
 from nidl_dino.model import resolve_model

@@ -150,6 +150,8 @@ step "slurmctld and slurmd started"
 
 for _ in $(seq 60); do
     [[ "$(node_state)" =~ ^idle ]] && break
+    # a node left down or drained by an earlier run (e.g. a reboot) is put back into service
+    [[ "$(node_state)" =~ ^(down|drain) ]] && scontrol update nodename="$NODE" state=resume >/dev/null 2>&1
     sleep 1
 done
 [[ "$(node_state)" =~ ^idle ]] || die "node $NODE is '$(node_state)', not idle (see /var/log/slurm/)"

@@ -25,6 +25,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from nidl_dino.data import DINODataModule, resolve_num_workers, resolve_views_on_device
 from nidl_dino.devices import trainer_options
+from nidl_dino.distributed import RankRecord, n_devices
 from nidl_dino.encoders import build_encoder
 from nidl_dino.errors import UserError
 from nidl_dino.estimator import DINO
@@ -214,6 +215,9 @@ def train_from_config(
         trainer_cfg.setdefault("limit_val_batches", 0)
         trainer_cfg.setdefault("num_sanity_val_steps", 0)
     quiet_lightning()
+    if n_devices(trainer_cfg) > 1:
+        # each rank records its shard and its final teacher (work/ranks/rank-<r>.json)
+        callbacks.append(RankRecord(work / "ranks"))
     model = build_model(
         config,
         num_local_crops=datamodule.num_local_crops,

@@ -74,7 +74,7 @@ def cluster():
     return res.stdout
 
 
-def _start(workdir: Path) -> subprocess.Popen:
+def _start(workdir: Path, config: list[str] = CONFIG) -> subprocess.Popen:
     workdir.mkdir(parents=True)
     # sbatch jobs inherit this PATH (--export=ALL): they run this interpreter's snakemake
     env = {
@@ -83,7 +83,7 @@ def _start(workdir: Path) -> subprocess.Popen:
         "PYTHONUNBUFFERED": "1",
     }
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE)]
-    cmd += ["--profile", str(REPO / "profiles/slurm"), *PROFILE_ARGS, "--config", *CONFIG]
+    cmd += ["--profile", str(REPO / "profiles/slurm"), *PROFILE_ARGS, "--config", *config]
     log = open(workdir / "snakemake.log", "w")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen(
         cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -131,6 +131,10 @@ def _stop(proc: subprocess.Popen, workdir: Path) -> None:
     ids = [r["id"] for r in _jobs(workdir) if r["state"] in ("PENDING", "RUNNING")]
     if ids:
         subprocess.run(["scancel", *ids], check=False)
+
+
+def _tail(workdir: Path) -> str:
+    return (workdir / "snakemake.log").read_text()[-3000:]
 
 
 def _final_state(workdir: Path) -> dict:
@@ -195,3 +199,53 @@ def test_demo_through_slurm_with_cancel_and_resume(cluster, tmp_path):
     for key, value in resumed.items():
         assert torch.equal(value, uninterrupted[key]), key
     print(f"\nslurm demo: cancelled at {cancelled_at:.0f} s, both runs done in {wall:.0f} s")
+
+
+def test_two_devices_train_as_two_slurm_tasks_in_one_world(cluster, tmp_path):
+    """trainer.devices: 2 on the SLURM profile: one job of 2 tasks, srun starts 2 ranks, gloo
+    world of 2 (CPU), disjoint shards, identical teachers and centres."""
+    workdir = tmp_path / "ddp"
+    overrides = [
+        'trainer={"max_epochs": 3, "accelerator": "cpu", "strategy": "ddp", "devices": 2}',
+        'demo={"n_subjects": 6, "n_bad": 1}',
+        'resources={"preprocess": {"mem_mb": 1000}, "train": {"gpu": 0, "mem_mb": 2000,'
+        ' "threads": 1}}',
+    ]
+    proc = _start(workdir, CONFIG + overrides + ["--until", "train"])
+    try:
+        proc.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        _stop(proc, workdir)
+        pytest.fail(f"Snakemake did not finish in 900 s:\n{_tail(workdir)}")
+    assert proc.returncode == 0, _tail(workdir)
+
+    train = [j for j in _jobs(workdir) if j["comment"] == "rule_train"]
+    assert len(train) == 1 and train[0]["state"] == "COMPLETED", train
+    assert "cpu=2" in train[0]["tres"], train  # 2 tasks x 1 CPU
+    steps = subprocess.run(
+        ["sacct", "-j", train[0]["id"], "-n", "-P", "-o", "JobID,NTasks,State"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert any(s.split("|")[1] == "2" and s.split("|")[2] == "COMPLETED" for s in steps), steps
+
+    records = [
+        json.loads(p.read_text())
+        for p in sorted((workdir / "out/model/work/ranks").glob("rank-*.json"))
+    ]
+    assert [r["rank"] for r in records] == [0, 1]
+    assert all(r["world_size"] == 2 for r in records)
+    assert all(r["cluster_environment"] == "SLURMEnvironment" for r in records)
+    # disjoint shards, up to DistributedSampler's padding (it repeats indices so that every
+    # rank gets ceil(n / 2) samples): together they cover the n training scans once
+    n = json.loads((workdir / "out/model/training_summary.json").read_text())["n_train_volumes"]
+    shards = [r["first_epoch_indices"] for r in records]
+    assert len(shards[0]) == len(shards[1]) == -(-n // 2), shards
+    assert set(shards[0]) | set(shards[1]) == set(range(n)), shards
+    assert len(set(shards[0]) & set(shards[1])) == 2 * -(-n // 2) - n, shards
+    assert records[0]["teacher_and_centre_sha256"] == records[1]["teacher_and_centre_sha256"]
+    assert records[0]["global_step"] == records[1]["global_step"] > 0
+    log = (workdir / "out/logs/train.log").read_text()
+    assert "rank 0:" in log and "rank 1:" in log
+    assert (workdir / "out/model/teacher.pt").exists()

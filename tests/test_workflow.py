@@ -411,3 +411,49 @@ def test_train_on_selecting_no_scan_stops_before_any_job(tmp_path, bids):
     res = snakemake(tmp_path, *args, "model={'train_on': ['01', 'sub-02']}")
     assert res.returncode == 0, res.stderr
     assert _jobs(res.stdout)["train"] == 1
+
+
+class _Resources(dict):
+    """What the SLURM plugin reads from a job: ``resources.get(k)`` and ``resources.k``."""
+
+    __getattr__ = dict.__getitem__
+
+
+@pytest.mark.parametrize(
+    ("devices", "gpu", "expected"),
+    [
+        (1, 1, ["--gpus=1", "--cpus-per-task=8"]),  # one task that sees the GPU
+        (2, 1, ["--gpus=2", "--ntasks-per-gpu=1", "--ntasks=2", "--nodes=1"]),
+        (2, 0, ["--ntasks=2", "--nodes=1", "--cpus-per-task=8"]),
+    ],
+)
+def test_train_job_submits_one_task_per_device(devices, gpu, expected):
+    """trainer.devices: N -> the plugin's own sbatch line asks for N tasks on one node."""
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    from nidl_dino.distributed import train_job_resources
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["trainer"]["devices"] = devices
+    config["resources"]["train"]["gpu"] = gpu
+    job = type("Job", (), {})()
+    job.resources = _Resources(train_job_resources(config), slurm_partition="gpu")
+    job.threads = config["resources"]["train"]["threads"]
+    params = {
+        "run_uuid": "u",
+        "slurm_logfile": "l",
+        "comment_str": "rule_train",
+        "account": "",
+        "partition": "-p gpu",
+        "workdir": ".",
+    }
+    call = get_submit_command(job, params) + set_gres_string(job)
+    args = call.split()
+    for flag in expected:
+        assert flag in args, call
+    if devices == 1:
+        assert not any(a.startswith(("--ntasks", "--nodes")) for a in args), call
+    if not gpu:
+        assert not any(a.startswith("--gpus") for a in args), call

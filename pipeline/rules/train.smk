@@ -28,13 +28,10 @@ rule train:
             config["data"]["num_workers"],
             config["resources"]["train"].get("threads", 1),
         )
+    # config.yaml's resources.train; with trainer.devices: N > 1, N tasks on one node
+    # (nidl_dino.distributed.train_job_resources)
     resources:
-        gpu=config["resources"]["train"]["gpu"],
-        mem_mb=config["resources"]["train"]["mem_mb"],
-        runtime=config["resources"]["train"]["runtime"],
-        # one process sees the node's GPUs (the SLURM plugin < 2.7.1 otherwise adds
-        # --ntasks-per-gpu=1); the CPUs per task are the threads above
-        tasks_per_gpu=0,
+        **train_job_resources(config),
     params:
         work=f"{OUT}/model/work",
         preproc_dir=f"{OUT}/preproc",

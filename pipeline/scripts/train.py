@@ -1,13 +1,17 @@
 # Train DINO on the scans that passed QC; resumes from model/work/checkpoints/last.ckpt.
+# With trainer.devices: N > 1 inside a SLURM job (profiles/slurm), the N ranks are started here
+# with srun, one per task of the job (nidl_dino.distributed).
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))
 
+from nidl_dino.distributed import in_slurm_allocation, n_devices, rank_paths, run_ranks
 from nidl_dino.jobs import job
 from nidl_dino.model import training_scan_volumes
 from nidl_dino.tables import read_qc_table
-from nidl_dino.training import train_from_config
+from nidl_dino.training import resume_checkpoint, train_from_config, training_fingerprint
 
 with job(snakemake.log[0], "train") as log:
     qc = read_qc_table(snakemake.input.qc)
@@ -19,15 +23,30 @@ with job(snakemake.log[0], "train") as log:
         len(volumes),
         len(qc),
     )
-    summary = train_from_config(
-        volumes,
-        snakemake.params.config,
-        work_dir=snakemake.params.work,
-        teacher_path=snakemake.output.teacher,
-        threads=snakemake.threads,
-        memory_mb=snakemake.resources.get("mem_mb"),
-    )
+    config = snakemake.params.config
     work = Path(snakemake.params.work)
+    n_tasks = n_devices(config.get("trainer"))
+    if n_tasks > 1 and in_slurm_allocation():
+        # stale checkpoints are moved aside once, here, before the ranks look at them
+        resume_checkpoint(work / "checkpoints", training_fingerprint(config, volumes))
+        log.info("starting %d training ranks with srun (output below, prefixed by rank)", n_tasks)
+        spec = {
+            "volume_paths": rank_paths(volumes),
+            "config": config,
+            "work_dir": str(work.resolve()),
+            "teacher_path": str(Path(snakemake.output.teacher).resolve()),
+        }
+        run_ranks(n_tasks, snakemake.threads, spec, work / "ranks_spec.json", log=log)
+        summary = json.loads((work / "training_summary.json").read_text())
+    else:
+        summary = train_from_config(
+            volumes,
+            config,
+            work_dir=work,
+            teacher_path=snakemake.output.teacher,
+            threads=snakemake.threads,
+            memory_mb=snakemake.resources.get("mem_mb"),
+        )
     for name, target in (("training_curves.png", "curves"), ("training_summary.json", "summary")):
         Path(snakemake.output[target]).write_bytes((work / name).read_bytes())
     log.info("trained: %s", summary)
