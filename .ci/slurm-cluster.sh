@@ -22,8 +22,11 @@ command -v apt-get >/dev/null || die "needs apt-get (Debian/Ubuntu)"
 NODE=$(hostname -s)
 
 node_state() { sinfo -h -n "$NODE" -o %T 2>/dev/null | head -1 || true; }
-if command -v sinfo >/dev/null && [[ "$(node_state)" =~ ^(idle|mixed|allocated) ]]; then
-    step "already running: node $NODE is $(node_state)"
+# Up means the node answers AND accounting answers (sacct needs mariadb and slurmdbd, which can
+# die on their own, e.g. with the session that started them): otherwise (re)start what is down.
+if command -v sinfo >/dev/null && [[ "$(node_state)" =~ ^(idle|mixed|allocated) ]] &&
+    sacct -n -X -S now-1hours >/dev/null 2>&1; then
+    step "already running: node $NODE is $(node_state), accounting answers"
     exit 0
 fi
 
