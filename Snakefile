@@ -25,6 +25,7 @@ from nidl_dino.errors import UserError
 from nidl_dino.inputs import scan_id_wildcard_constraint
 from nidl_dino.model import resolve_model
 from nidl_dino.workflow import (
+    aggregate_resources,
     check_config,
     discover,
     ensure_demo_data,

@@ -457,3 +457,25 @@ def test_train_job_submits_one_task_per_device(devices, gpu, expected):
         assert not any(a.startswith(("--ntasks", "--nodes")) for a in args), call
     if not gpu:
         assert not any(a.startswith("--gpus") for a in args), call
+
+
+def test_cohort_wide_rules_ask_for_resources_that_grow_with_the_cohort(tmp_path):
+    from nidl_dino.workflow import AGGREGATE_RESOURCES, aggregate_resources
+
+    for rule, formulas in AGGREGATE_RESOURCES.items():
+        small, large = aggregate_resources(rule, 100), aggregate_resources(rule, 10_000)
+        for key, (base, per_scan) in formulas.items():
+            assert large[key] == round(base + per_scan * 10_000), (rule, key)
+            assert large[key] >= small[key]
+    assert aggregate_resources("cohort", 10_000)["mem_mb"] >= 1024  # cohort: 207 MiB measured
+    assert (
+        aggregate_resources("probe", 10_000)["mem_mb"] > aggregate_resources("probe", 100)["mem_mb"]
+    )
+    # and the rules declare them: the dry run prints each job's resources
+    bids = tiny_bids(tmp_path / "bids", subjects=("01", "02", "03"))
+    res = snakemake(tmp_path, "-n", "--cores", "1", "--config", f"bids_dir={bids}", "output_dir=o")
+    assert res.returncode == 0, res.stderr
+    for rule in ("qc_table", "cohort", "probe", "report"):
+        expected = aggregate_resources(rule, 3)["mem_mb"]
+        block = res.stdout.split(f"rule {rule}:")[1].split("\n\n")[0]
+        assert f"mem_mb={expected}" in block, (rule, block)

@@ -36,5 +36,7 @@ rule model_card:
         f"{OUT}/logs/model_card.log",
     conda:
         "../../envs/dino.yaml"
+    resources:
+        **aggregate_resources("model_card", len(SCAN_IDS)),
     script:
         "../scripts/model_card.py"

@@ -45,6 +45,8 @@ rule qc_table:
         f"{OUT}/logs/qc_table.log",
     conda:
         "../../envs/preprocess.yaml"
+    resources:
+        **aggregate_resources("qc_table", len(SCAN_IDS)),
     params:
         preproc_dir=lambda wc, input: os.path.dirname(os.path.dirname(input[0])),
     script:

@@ -28,6 +28,8 @@ rule probe:
     conda:
         "../../envs/dino.yaml"
     threads: 1
+    resources:
+        **aggregate_resources("probe", len(SCAN_IDS)),
     params:
         config=config["probes"],
     script:

@@ -30,6 +30,8 @@ rule report:
         f"{OUT}/logs/report.log",
     conda:
         "../../envs/tables.yaml"
+    resources:
+        **aggregate_resources("report", len(SCAN_IDS)),
     params:
         preproc_dir=f"{OUT}/preproc",
         config=lambda wc: {

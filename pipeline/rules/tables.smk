@@ -12,6 +12,8 @@ rule cohort:
         f"{OUT}/logs/cohort.log",
     conda:
         "../../envs/tables.yaml"
+    resources:
+        **aggregate_resources("cohort", len(SCAN_IDS)),
     params:
         inputs=lambda wc: {k: config.get(k) for k in ("bids_dir", "inputs")},
     script:
