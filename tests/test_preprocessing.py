@@ -370,6 +370,29 @@ def test_qc_flags_follow_the_thresholds():
     assert qc_flags(bad, {**off, "intensity_p99_over_p50": None}) == []
 
 
+def test_qc_flags_a_registration_off_its_similarity_maximum():
+    qc = merge_config()["qc"]
+    metrics = {
+        "registration_similarity": 0.8,
+        "registration_optimum": {"gain": 0.0, "offset_deg": 0.5, "offset_mm": 0.4,
+                                 "offset_pct": 1.0},
+        "outside_fov_fraction": 0.0,
+        "intensity": {"p99_over_p50": 1.5},
+    }  # fmt: skip
+    assert qc_flags(metrics, qc) == []
+    off = {"gain": 0.05, "offset_deg": 7.2, "offset_mm": 1.0, "offset_pct": 10.0}
+    flags = qc_flags({**metrics, "registration_optimum": off}, qc)
+    assert flags == [
+        "registration not at the similarity maximum: a small step improves it by 0.050 "
+        "(allowed 0.02)",
+        "registration off the similarity maximum by about 7.2 deg, 10.0 % "
+        "(allowed 4 deg, 4 mm, 8 %)",
+    ]
+    relaxed = {**qc, "max_optimum_gain": None, "max_optimum_offset": None}
+    assert qc_flags({**metrics, "registration_optimum": off}, relaxed) == []
+    assert merge_config({"qc": {"max_optimum_offset": None}})["qc"]["max_optimum_offset"] is None
+
+
 def test_config_merges_nested_and_rejects_unknown_keys():
     cfg = merge_config({"resample": {"spacing_mm": 3.0}, "bias_correction": {"enabled": False}})
     assert cfg["resample"]["spacing_mm"] == 3.0

@@ -105,8 +105,18 @@ DEFAULT_CONFIG: dict[str, Any] = {
     },
     "qc": {
         # Automatic exclusion thresholds; null turns a check off.
-        # Pearson correlation with the template inside its brain mask, at working resolution.
+        # Floor for gross failures (flips, swapped axes, another species or contrast):
+        # correlation with the template inside its brain mask, at working resolution, the
+        # subject clipped to its own 2nd-98th percentiles there.
         "min_similarity": 0.5,
+        # Local-optimum check (qc.local_optimum): the similarity is evaluated one step (3 deg,
+        # 3 mm, 5 % scale) either way along 9 parameters around the found transform. A converged
+        # registration is at the maximum; one off by 5-10 deg / mm is not. Calibrated with
+        # benchmarks/qc_calibration.py (README). Largest similarity gain of a step:
+        "max_optimum_gain": 0.02,
+        # Largest estimated distance to the maximum (parabola per parameter): rotation (deg,
+        # norm over the 3 axes), shift (mm, norm), scale (%, largest axis).
+        "max_optimum_offset": {"deg": 4.0, "mm": 4.0, "pct": 8.0},
         # Fraction of the brain mask falling outside the input field of view (cut-off brain).
         "max_outside_fov_fraction": 0.05,
         # In-mask 99th over 50th percentile: ~1.2-2 for T1w; near 1 is flat, large is spiky.
@@ -147,6 +157,10 @@ _REMOVED = {
 }
 
 
+#: Mappings that null turns off as a whole.
+_NULLABLE = {"preprocessing.qc.max_optimum_offset"}
+
+
 def _merge_into(base: dict, update: Mapping, path: str) -> None:
     for key, value in update.items():
         if f"{path}.{key}" in _REMOVED:
@@ -155,6 +169,9 @@ def _merge_into(base: dict, update: Mapping, path: str) -> None:
             known = ", ".join(sorted(base))
             raise UserError(f"config key {path}.{key} is unknown; expected one of: {known}")
         if isinstance(base[key], dict):
+            if value is None and f"{path}.{key}" in _NULLABLE:
+                base[key] = None
+                continue
             if not isinstance(value, Mapping):
                 raise UserError(f"config key {path}.{key} must be a mapping, got {value!r}")
             _merge_into(base[key], value, f"{path}.{key}")
