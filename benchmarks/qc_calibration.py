@@ -60,6 +60,7 @@ CENTRE_MM = np.array([0.0, -18.0, 10.0])  # template brain centre, pivot of the 
 MEASURES = ("pearson", "robust", "nmi", "overlap")
 #: Local-optimum measures (:func:`~nidl_dino.preprocessing.qc.local_optimum`); lower is better.
 OPTIMUM = ("gain", "offset_deg", "offset_mm", "offset_pct")
+# (``mirror_gain`` too, in tables written after the flip and swap probes were added)
 
 
 def working_image(path, cfg):
@@ -268,7 +269,7 @@ def registration_flags(row: dict, qc: dict) -> list[str]:
     """The registration flags of :func:`nidl_dino.preprocessing.qc.qc_flags` for one row."""
     metrics = {
         "registration_similarity": row["similarity"],
-        "registration_optimum": {k: row[k] for k in OPTIMUM},
+        "registration_optimum": {k: row[k] for k in (*OPTIMUM, "mirror_gain") if k in row},
         "outside_fov_fraction": 0.0,
         "intensity": {"p99_over_p50": 2.0},
     }
