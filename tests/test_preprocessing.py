@@ -33,7 +33,7 @@ from nidl_dino.preprocessing.phantom import (  # noqa: E402
     subject_transform,
     synthetic_scan,
 )
-from nidl_dino.preprocessing.qc import qc_flags  # noqa: E402
+from nidl_dino.preprocessing.qc import BRAIN_CENTRE_MM, local_optimum, qc_flags  # noqa: E402
 from nidl_dino.preprocessing.resample import (  # noqa: E402
     block_average,
     output_grid,
@@ -391,6 +391,49 @@ def test_qc_flags_a_registration_off_its_similarity_maximum():
     relaxed = {**qc, "max_optimum_gain": None, "max_optimum_offset": None}
     assert qc_flags({**metrics, "registration_optimum": off}, relaxed) == []
     assert merge_config({"qc": {"max_optimum_offset": None}})["qc"]["max_optimum_offset"] is None
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    ["7 deg", "7 mm", "12 %", "flip z"],
+)
+def test_local_optimum_keeps_the_true_transform_and_flags_a_wrong_one(wrong):
+    # A phantom head moved by a known transform: at the truth the similarity is at its
+    # maximum; 7 deg, 7 mm, 12 % or a flipped axis away from it, the check sees a better one.
+    truth = subject_transform((8.0, -5.0, 6.0), (4.0, -6.0, 5.0), (0.95, 0.92, 0.97))
+    shape = (96, 112, 96)
+    affine = scanner_affine(shape, (2.0, 2.0, 2.0), "RAS")
+    work, work_affine = block_average(
+        synthetic_scan(shape, affine, truth, head_spacing_mm=2.0), affine, [2, 2, 2]
+    )
+    qc = merge_config()["qc"]
+
+    def flags(transform):
+        found = local_optimum(work, work_affine, transform, 4.0)
+        metrics = {
+            "registration_similarity": found["similarity"],
+            "registration_optimum": found,
+            "outside_fov_fraction": 0.0,
+            "intensity": {"p99_over_p50": 1.5},
+        }
+        return qc_flags(metrics, qc), found
+
+    good, found = flags(truth)
+    assert good == [], found
+    centre = np.array(BRAIN_CENTRE_MM)
+    axis = np.array([2.0, -1.0, 1.0]) / np.sqrt(6.0)
+    p = np.eye(4)
+    if wrong == "7 deg":
+        from scipy.spatial.transform import Rotation
+
+        p[:3, :3] = Rotation.from_rotvec(np.deg2rad(7.0) * axis).as_matrix()
+    elif wrong == "12 %":
+        p[:3, :3] *= 1.12
+    elif wrong == "flip z":
+        p[2, 2] = -1.0
+    p[:3, 3] = centre - p[:3, :3] @ centre + (7.0 * axis if wrong == "7 mm" else 0.0)
+    bad, found = flags(truth @ p)
+    assert bad and bad[0].startswith("registration"), found
 
 
 def test_config_merges_nested_and_rejects_unknown_keys():
