@@ -33,7 +33,7 @@ from nidl_dino.preprocessing.phantom import (  # noqa: E402
     subject_transform,
     synthetic_scan,
 )
-from nidl_dino.preprocessing.qc import qc_flags  # noqa: E402
+from nidl_dino.preprocessing.qc import BRAIN_CENTRE_MM, local_optimum, qc_flags  # noqa: E402
 from nidl_dino.preprocessing.resample import (  # noqa: E402
     block_average,
     output_grid,
@@ -362,12 +362,78 @@ def test_qc_flags_follow_the_thresholds():
         "intensity": {"p99_over_p50": 40.0},
     }
     assert qc_flags(bad, qc) == [
-        "registration similarity 0.12 below threshold 0.5",
+        "registration similarity 0.12 below threshold 0.3",
         "20% of the brain mask is outside the field of view (allowed 5%)",
         "extreme intensity statistics: in-brain p99/p50 40.00 (allowed 1.05-10)",
     ]
     off = {**qc, "min_similarity": None, "max_outside_fov_fraction": None}
     assert qc_flags(bad, {**off, "intensity_p99_over_p50": None}) == []
+
+
+def test_qc_flags_a_registration_off_its_similarity_maximum():
+    qc = merge_config()["qc"]
+    metrics = {
+        "registration_similarity": 0.8,
+        "registration_optimum": {"gain": 0.0, "offset_deg": 0.5, "offset_mm": 0.4,
+                                 "offset_pct": 1.0},
+        "outside_fov_fraction": 0.0,
+        "intensity": {"p99_over_p50": 1.5},
+    }  # fmt: skip
+    assert qc_flags(metrics, qc) == []
+    off = {"gain": 0.05, "offset_deg": 7.2, "offset_mm": 1.0, "offset_pct": 10.0}
+    flags = qc_flags({**metrics, "registration_optimum": off}, qc)
+    assert flags == [
+        "registration not at the similarity maximum: a small step improves it by 0.050 "
+        "(allowed 0.02)",
+        "registration off the similarity maximum by about 7.2 deg, 10.0 % "
+        "(allowed 4 deg, 4 mm, 6 %)",
+    ]
+    relaxed = {**qc, "max_optimum_gain": None, "max_optimum_offset": None}
+    assert qc_flags({**metrics, "registration_optimum": off}, relaxed) == []
+    assert merge_config({"qc": {"max_optimum_offset": None}})["qc"]["max_optimum_offset"] is None
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    ["7 deg", "7 mm", "12 %", "flip z"],
+)
+def test_local_optimum_keeps_the_true_transform_and_flags_a_wrong_one(wrong):
+    # A phantom head moved by a known transform: at the truth the similarity is at its
+    # maximum; 7 deg, 7 mm, 12 % or a flipped axis away from it, the check sees a better one.
+    truth = subject_transform((8.0, -5.0, 6.0), (4.0, -6.0, 5.0), (0.95, 0.92, 0.97))
+    shape = (96, 112, 96)
+    affine = scanner_affine(shape, (2.0, 2.0, 2.0), "RAS")
+    work, work_affine = block_average(
+        synthetic_scan(shape, affine, truth, head_spacing_mm=2.0), affine, [2, 2, 2]
+    )
+    qc = merge_config()["qc"]
+
+    def flags(transform):
+        found = local_optimum(work, work_affine, transform, 4.0)
+        metrics = {
+            "registration_similarity": found["similarity"],
+            "registration_optimum": found,
+            "outside_fov_fraction": 0.0,
+            "intensity": {"p99_over_p50": 1.5},
+        }
+        return qc_flags(metrics, qc), found
+
+    good, found = flags(truth)
+    assert good == [], found
+    centre = np.array(BRAIN_CENTRE_MM)
+    axis = np.array([2.0, -1.0, 1.0]) / np.sqrt(6.0)
+    p = np.eye(4)
+    if wrong == "7 deg":
+        from scipy.spatial.transform import Rotation
+
+        p[:3, :3] = Rotation.from_rotvec(np.deg2rad(7.0) * axis).as_matrix()
+    elif wrong == "12 %":
+        p[:3, :3] *= 1.12
+    elif wrong == "flip z":
+        p[2, 2] = -1.0
+    p[:3, 3] = centre - p[:3, :3] @ centre + (7.0 * axis if wrong == "7 mm" else 0.0)
+    bad, found = flags(truth @ p)
+    assert bad and bad[0].startswith("registration"), found
 
 
 def test_config_merges_nested_and_rejects_unknown_keys():

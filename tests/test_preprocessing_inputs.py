@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
 from nidl_dino.errors import ScanRejected  # noqa: E402
-from nidl_dino.preprocessing import preprocess_scan  # noqa: E402
+from nidl_dino.preprocessing import merge_config, preprocess_scan  # noqa: E402
 from nidl_dino.preprocessing.io import read_nifti  # noqa: E402
 from nidl_dino.preprocessing.phantom import scanner_affine, synthetic_scan  # noqa: E402
 
@@ -195,10 +195,11 @@ def test_poor_registration_is_excluded(tmp_path):
     path = _save(tmp_path / "shifted.nii.gz", data, shifted)
     record = preprocess_scan(path, tmp_path / "out", "s", config=FAST)
     similarity = record["metrics"]["registration_similarity"]
-    assert similarity < 0.5
+    floor = merge_config()["qc"]["min_similarity"]
+    assert similarity < floor
     assert record["status"] == "excluded"
     assert record["reason"].startswith(
-        f"registration similarity {similarity:.2f} below threshold 0.5"
+        f"registration similarity {similarity:.2f} below threshold {floor:g}"
     )
     assert record["flags"][0] == record["reason"].split("; ")[0]
     assert not (tmp_path / "out" / "s_desc-preproc_T1w.nii.gz").exists()

@@ -18,10 +18,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from nidl_dino.preprocessing import preprocess_scan
-from nidl_dino.preprocessing.mask import brain_mask_on_grid
-from nidl_dino.preprocessing.resample import block_average
+from nidl_dino.preprocessing import merge_config, preprocess_scan
+from nidl_dino.preprocessing.bias import n4_bias_field
+from nidl_dino.preprocessing.io import read_nifti
+from nidl_dino.preprocessing.mask import brain_mask_on_grid, foreground_mask
+from nidl_dino.preprocessing.orientation import reorient_to_ras
+from nidl_dino.preprocessing.qc import BRAIN_CENTRE_MM, local_optimum, qc_flags
+from nidl_dino.preprocessing.resample import block_average, block_factors
 from nidl_dino.preprocessing.template import BRAIN_THRESHOLD, template_1mm
+from nidl_dino.preprocessing.validate import validate_image
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -209,3 +214,112 @@ def test_macaque_is_excluded_with_a_reason(real_head, tmp_path):
     record = preprocess_scan(real_head["inia19-t1-brain.nii.gz"], tmp_path, "macaque2", relaxed)
     assert record["status"] == "excluded"
     assert "registration" in record["reason"], record["reason"]
+
+
+def working_image(path):
+    """The bias-corrected working image as ``preprocess_scan`` makes it (default config)."""
+    cfg = merge_config(CONFIG)
+    data, affine = reorient_to_ras(*validate_image(read_nifti(path), cfg["validation"], "ch2"))
+    work, work_affine = block_average(
+        data, affine, block_factors(affine, cfg["working_spacing_mm"])
+    )
+    work = work / n4_bias_field(work, work_affine, foreground_mask(work), cfg["bias_correction"])
+    return work, work_affine, cfg
+
+
+def perturbation(degrees=(0.0, 0.0, 0.0), shift_mm=(0.0, 0.0, 0.0), scale=1.0) -> np.ndarray:
+    """Template-space rotation and scaling about the brain centre, then a shift."""
+    p = rigid(degrees, shift_mm, BRAIN_CENTRE_MM)
+    centre = np.asarray(BRAIN_CENTRE_MM)
+    p[:3, :3] *= scale
+    p[:3, 3] = centre - p[:3, :3] @ centre + np.asarray(shift_mm)
+    return p
+
+
+def test_qc_keeps_the_found_registration_and_flags_perturbed_ones(untouched, real_head):
+    metrics = untouched["record"]["metrics"]
+    assert metrics["registration_optimum"]["gain"] < 0.005, metrics["registration_optimum"]
+    work, work_affine, cfg = working_image(real_head["ch2.nii.gz"])
+    found = untouched["transform"]
+    working = float(cfg["working_spacing_mm"])
+    good = local_optimum(work, work_affine, found, working)
+    assert qc_flags(with_optimum(good), cfg["qc"]) == []
+    # 7 degrees about an oblique axis, 7 mm in an oblique direction, 12 % larger or smaller.
+    axis = np.array([1.0, -2.0, 1.5]) / np.linalg.norm([1.0, -2.0, 1.5])
+    wrong = {
+        "7 deg": perturbation(degrees=7.0 * axis),
+        "7 mm": perturbation(shift_mm=7.0 * axis),
+        "+12 %": perturbation(scale=1.12),
+        "-12 %": perturbation(scale=0.88),
+    }
+    for name, p in wrong.items():
+        optimum = local_optimum(work, work_affine, found @ p, working)
+        flags = qc_flags(with_optimum(optimum), cfg["qc"])
+        assert flags, f"{name}: not flagged ({optimum})"
+        assert "registration" in flags[0]
+
+
+def with_optimum(optimum: dict) -> dict:
+    """QC metrics with only the registration measures of interest (the rest passing)."""
+    return {
+        "registration_similarity": optimum["similarity"],
+        "registration_optimum": optimum,
+        "outside_fov_fraction": 0.0,
+        "intensity": {"p99_over_p50": 2.0},
+    }
+
+
+def log_spread(field: np.ndarray) -> float:
+    """``p95 - p5`` of the logarithm of a positive field: 0.05 is 5 % variation."""
+    p5, p95 = np.percentile(np.log(field), [5, 95])
+    return float(p95 - p5)
+
+
+def strong_field_on_ch2(real_head):
+    """ch2 at working resolution with and without a smooth x0.6-1.6 field (as ``bias_noise``).
+
+    Returns ``(clean, biased, true field, affine, brain)``, all on the working grid.
+    """
+    head = nib.load(real_head["ch2.nii.gz"])
+    data = np.asarray(head.get_fdata(dtype=np.float32))
+    brain = np.asarray(nib.load(real_head["ch2bet.nii.gz"]).dataobj) > 0
+    ijk = np.indices(data.shape, dtype=np.float64).reshape(3, -1)
+    x, y, z = (head.affine[:3, :3] @ ijk + head.affine[:3, 3:4]) / 100.0
+    log_field = (0.25 * x - 0.3 * y + 0.2 * z + 0.15 * x * y - 0.2 * z * z).reshape(data.shape)
+    inside = data > 20
+    lo, hi = log_field[inside].min(), log_field[inside].max()
+    a, b = np.log(0.6), np.log(1.6)
+    field = np.exp(a + (log_field - lo) * (b - a) / (hi - lo)).astype(np.float32)
+    factors = block_factors(head.affine, merge_config()["working_spacing_mm"])
+    clean, affine = block_average(data, head.affine, factors)
+    biased, _ = block_average(data * field, head.affine, factors)
+    true, _ = block_average(field, head.affine, factors)
+    in_brain = block_average(brain.astype(np.float32), head.affine, factors)[0] > 0.5
+    return clean, biased, true, affine, in_brain
+
+
+@pytest.fixture(scope="module")
+def n4_on_strong_field(real_head):
+    """Spreads (log p95 - p5 in the brain) of the default N4 under a strong field on ch2."""
+    clean, biased, true, affine, brain = strong_field_on_ch2(real_head)
+    params = merge_config()["bias_correction"]
+    estimated = n4_bias_field(biased, affine, foreground_mask(biased), params)[brain]
+    untouched = n4_bias_field(clean, affine, foreground_mask(clean), params)[brain]
+    return {
+        "before": log_spread(true[brain]),
+        "vs_true": log_spread(true[brain] / estimated),
+        "added_left": log_spread(true[brain] * untouched / estimated),
+    }
+
+
+def test_strong_bias_field_is_reduced(n4_on_strong_field):
+    spreads = n4_on_strong_field
+    assert spreads["before"] > 0.3  # a strong field inside the brain
+    # Measured 2026-12 with the default N4 (benchmarks/bias_correction.py, README): partly removed.
+    assert spreads["vs_true"] < 0.75 * spreads["before"], spreads
+
+
+@pytest.mark.xfail(strict=True, reason="issue 15 bar not met: N4 leaves 9-30 % (README)")
+def test_strong_bias_field_leaves_under_5_percent(n4_on_strong_field):
+    """The issue's bar: under 5 % of a strong field left inside the brain, after N4."""
+    assert n4_on_strong_field["added_left"] < 0.05, n4_on_strong_field

@@ -49,6 +49,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "iterations": [20, 20],
         "convergence_threshold": 1.0e-3,
         "spline_distance_mm": 100.0,  # B-spline knot spacing of the first level
+        # Measured (README, benchmarks/bias_correction.py): under a strong x0.6-1.6 field these
+        # settings leave about a quarter of it; [50, 50, 50] with 200 mm knots removes more of
+        # it but changes an unbiased head as much. No setting tried leaves under 5 %.
     },
     "registration": {
         # Affine registration (ANTs) of the head to the MNI152 template of nilearn. Off: the
@@ -105,8 +108,21 @@ DEFAULT_CONFIG: dict[str, Any] = {
     },
     "qc": {
         # Automatic exclusion thresholds; null turns a check off.
-        # Pearson correlation with the template inside its brain mask, at working resolution.
-        "min_similarity": 0.5,
+        # Floor for gross failures the local-optimum check cannot see (another contrast or
+        # species): correlation with the template inside its brain mask, at working resolution,
+        # the subject clipped to its own 2nd-98th percentiles there. Good registrations measured
+        # down to 0.46 (0.5 before excluded good scans); flips and swaps are caught below.
+        "min_similarity": 0.3,
+        # Local-optimum check (qc.local_optimum): the similarity is evaluated one step (3 deg,
+        # 3 mm, 5 % scale) either way along 9 parameters around the found transform. A converged
+        # registration is at the maximum; one off by 5-10 deg / mm is not. An axis flipped (y, z)
+        # or two swapped are probed too. Calibrated with benchmarks/qc_calibration.py (README).
+        # Largest similarity gain of a step, a flip or a swap (good: <= 0.002, flipped >= 0.14):
+        "max_optimum_gain": 0.02,
+        # Largest estimated distance to the maximum (parabola per parameter): rotation (deg,
+        # norm over the 3 axes), shift (mm, norm), scale (%, largest axis). Good: up to 0.9 deg,
+        # 0.4 mm, 2.7 %; perturbations above 5 deg / 5 mm / 10 %: from 6 deg, 6 mm, 10 %.
+        "max_optimum_offset": {"deg": 4.0, "mm": 4.0, "pct": 6.0},
         # Fraction of the brain mask falling outside the input field of view (cut-off brain).
         "max_outside_fov_fraction": 0.05,
         # In-mask 99th over 50th percentile: ~1.2-2 for T1w; near 1 is flat, large is spiky.
@@ -147,6 +163,10 @@ _REMOVED = {
 }
 
 
+#: Mappings that null turns off as a whole.
+_NULLABLE = {"preprocessing.qc.max_optimum_offset"}
+
+
 def _merge_into(base: dict, update: Mapping, path: str) -> None:
     for key, value in update.items():
         if f"{path}.{key}" in _REMOVED:
@@ -155,6 +175,9 @@ def _merge_into(base: dict, update: Mapping, path: str) -> None:
             known = ", ".join(sorted(base))
             raise UserError(f"config key {path}.{key} is unknown; expected one of: {known}")
         if isinstance(base[key], dict):
+            if value is None and f"{path}.{key}" in _NULLABLE:
+                base[key] = None
+                continue
             if not isinstance(value, Mapping):
                 raise UserError(f"config key {path}.{key} must be a mapping, got {value!r}")
             _merge_into(base[key], value, f"{path}.{key}")

@@ -37,6 +37,7 @@ from nidl_dino.preprocessing.orientation import axis_codes, reorient_to_ras
 from nidl_dino.preprocessing.qc import (
     foreground_flag,
     intensity_stats,
+    local_optimum,
     qc_flags,
     save_qc_png,
     save_text_png,
@@ -262,9 +263,15 @@ def _process(in_file: Path, cfg: dict[str, Any], record: dict[str, Any]) -> _Pro
     brain = brain_mask_on_grid(grid_shape, grid_affine)
     mask = brain_mask_on_grid(grid_shape, grid_affine, float(msk["dilation_mm"]))
     voxel_ml = abs(np.linalg.det(grid_affine[:3, :3])) / 1000.0
-    metrics["registration_similarity"] = round(
-        similarity_to_template(work, work_affine, transform, working), 4
-    )
+    if reg["enabled"]:
+        # Robust similarity and whether the transform is its local maximum (qc.local_optimum).
+        optimum = local_optimum(work, work_affine, transform, working)
+        metrics["registration_similarity"] = round(optimum.pop("similarity"), 4)
+        metrics["registration_optimum"] = {k: round(v, 4) for k, v in optimum.items()}
+    else:  # the identity is no optimum of anything: only the similarity floor applies
+        metrics["registration_similarity"] = round(
+            similarity_to_template(work, work_affine, transform, working), 4
+        )
     # Head size as FreeSurfer's eTIV (a covariate; not checked: it measures the transform).
     metrics["etiv_ml"] = round(etiv_ml(transform), 1)
     metrics["mask_volume_ml"] = round(float(mask.sum() * voxel_ml), 1) if msk["enabled"] else None
