@@ -129,7 +129,7 @@ def test_apply_a_teacher_then_grow_the_study(cohorts, teacher_a):
     preprocess_log = (out / "logs/preprocess/batch-0001.log").read_text()
     assert "preprocessing 2 scan(s)" in preprocess_log and "3 already done" in preprocess_log
     extract_log = (out / "logs/extract.log").read_text()
-    assert "features: 2 scan(s) to extract, 3 unchanged" in extract_log
+    assert "features: 2 scan(s) to write, 3 unchanged" in extract_log
     for name, (data, mtime) in before.items():
         table = out / "features" / name
         assert table.read_bytes() == data and table.stat().st_mtime_ns == mtime, name
