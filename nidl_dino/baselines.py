@@ -35,6 +35,7 @@ import pandas as pd
 from nibabel.filebasedimages import ImageFileError
 from sklearn.decomposition import PCA
 
+from nidl_dino.atomic import atomic_path
 from nidl_dino.errors import UserError
 from nidl_dino.probes import FeatureSet
 
@@ -183,9 +184,8 @@ def write_baseline_table(
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 

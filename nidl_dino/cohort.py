@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from nidl_dino.atomic import atomic_path
+
 #: Prefix of the feature columns (``feature_0000`` ...).
 FEATURE_PREFIX = "feature_"
 
@@ -173,30 +175,23 @@ def write_cohort(
     out_tsv, out_parquet = Path(out_tsv), Path(out_parquet)
     for path in (out_tsv, out_parquet):
         path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_tsv = out_tsv.with_name(f".{out_tsv.name}.tmp-{os.getpid()}")
-    tmp_parquet = out_parquet.with_name(f".{out_parquet.name}.tmp-{os.getpid()}")
     writer = None
     schema = None
     rows = 0
-    try:
-        with open(tmp_tsv, "w", encoding="utf-8", newline="") as tsv:
-            for chunk in chunks:
-                chunk.to_csv(tsv, sep="\t", index=False, header=rows == 0, na_rep="n/a")
-                if schema is None:
-                    schema = _arrow_schema(chunk)
-                    writer = pq.ParquetWriter(tmp_parquet, schema)
-                writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
-                rows += len(chunk)
-        if writer is not None:
-            writer.close()
-            writer = None
-        os.replace(tmp_tsv, out_tsv)
-        os.replace(tmp_parquet, out_parquet)
-    finally:
-        if writer is not None:
-            writer.close()
-        for tmp in (tmp_tsv, tmp_parquet):
-            tmp.unlink(missing_ok=True)
+    with atomic_path(out_tsv) as tmp_tsv, atomic_path(out_parquet) as tmp_parquet:
+        try:
+            with open(tmp_tsv, "w", encoding="utf-8", newline="") as tsv:
+                for chunk in chunks:
+                    chunk.to_csv(tsv, sep="\t", index=False, header=rows == 0, na_rep="n/a")
+                    if schema is None:
+                        schema = _arrow_schema(chunk)
+                        writer = pq.ParquetWriter(tmp_parquet, schema)
+                    table = pa.Table.from_pandas(chunk, schema=schema, preserve_index=False)
+                    writer.write_table(table)
+                    rows += len(chunk)
+        finally:
+            if writer is not None:
+                writer.close()
     return rows
 
 

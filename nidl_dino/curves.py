@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from nidl_dino.atomic import atomic_path
+
 #: (metric column in Lightning's metrics.csv, panel title)
 CURVES = [
     ("train/loss_step", "DINO loss (train)"),
@@ -64,7 +66,6 @@ def plot_training_curves(
             ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = f"{out_png}.tmp.png"
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    os.replace(tmp, out_png)

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from nidl_dino.atomic import write_text_atomic
+
 #: BIDS version the description declares.
 BIDS_VERSION = "1.10.0"
 #: Folders of output_dir that a BIDS validator should not look into.
@@ -128,7 +130,4 @@ def write_derivatives_files(
         (Path(bidsignore_path or out / ".bidsignore"), "\n".join(BIDSIGNORE) + "\n"),
     )
     for path, text in targets:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, text)

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from nidl_dino.atomic import atomic_path
 from nidl_dino.cohort import feature_columns, read_manifest_tables
 from nidl_dino.errors import UserError
 from nidl_dino.tables import write_table_atomic
@@ -66,9 +67,8 @@ def save_teacher(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return model_id
 
 

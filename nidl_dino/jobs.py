@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from nidl_dino.atomic import write_text_atomic
 from nidl_dino.errors import UserError
 
 
@@ -62,7 +63,6 @@ def preprocess_or_exclude(
     other subjects carry on.
     """
     import json
-    import os
     from pathlib import Path
 
     from nidl_dino.preprocessing import preprocess_scan
@@ -83,9 +83,7 @@ def preprocess_or_exclude(
             "reason": reason[:300],
         }
         path = Path(out_dir) / f"{prefix}_qc.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
         return record
 
 
@@ -133,9 +131,7 @@ def _crash_record(scan: dict, out_dir: Path, reason: str) -> dict:
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{scan['scan_id']}_qc.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
     return record
 
 

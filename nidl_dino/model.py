@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from nidl_dino.atomic import write_text_atomic
 from nidl_dino.errors import UserError
 
 #: Format of the model card JSON.
@@ -355,10 +356,7 @@ def write_card(card: Mapping[str, Any], json_path: str | os.PathLike, md_path: s
         (Path(json_path), json.dumps(card, indent=2, default=str) + "\n"),
         (Path(md_path), card_markdown(card)),
     ):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
 
 
 def load_card(path: str | os.PathLike) -> dict[str, Any]:

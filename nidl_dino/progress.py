@@ -24,6 +24,9 @@ _QUIET_WARNINGS = (
     r"The `srun` command is available on your system but is not used",
     # Our checkpoint folder is ours: resume_checkpoint() guards it with a fingerprint.
     r"Checkpoint directory .* exists and is not empty",
+    # Small cohorts have fewer batches per epoch than trainer.log_every_n_steps: the epoch's
+    # means are logged at its end anyway, and EpochProgress prints a line per epoch.
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
     # Lightning 2.6's own use of torch.utils._pytree under torch >= 2.10 (not our code).
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
 )

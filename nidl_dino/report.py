@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from nidl_dino.atomic import write_text_atomic
 from nidl_dino.errors import UserError
 from nidl_dino.probes import METRIC_LABELS, compare_to_baselines, format_gain, judgement_caveat
 from nidl_dino.tables import read_qc_table
@@ -225,7 +226,7 @@ def write_report(
     )
     out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(out, page)
+    write_text_atomic(out, page)
     log.info("report: %s (%.1f MB)", out, len(page) / 1e6)
 
 
@@ -890,18 +891,9 @@ def write_montage_pages(
             "</main>\n</body>\n</html>\n"
         )
         path = folder / f"page-{k + 1:03d}.html"
-        _write_text_atomic(path, page)
+        write_text_atomic(path, page)
         pages.append(path)
     return pages
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- pictures and small pieces

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from nidl_dino.atomic import atomic_path
+
 #: Leading columns of qc/qc.tsv, in this order (INTERFACE.md).
 QC_LEADING_COLUMNS = ["participant_id", "session_id", "status", "reason"]
 
@@ -21,12 +23,11 @@ def write_table_atomic(table: pd.DataFrame, path: str | os.PathLike) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if path.suffix == ".parquet":
-        table.to_parquet(tmp, index=False)
-    else:
-        table.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".parquet":
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, sep="\t", index=False, na_rep="n/a")
 
 
 def _flatten(record: dict, prefix: str = "") -> dict:

@@ -23,6 +23,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
+from nidl_dino.atomic import write_text_atomic
 from nidl_dino.data import DINODataModule, resolve_num_workers, resolve_views_on_device
 from nidl_dino.devices import trainer_options
 from nidl_dino.distributed import RankRecord, n_devices
@@ -76,9 +77,7 @@ def resume_checkpoint(ckpt_dir: Path, fingerprint: str) -> str | None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if not marker.exists() or marker.read_text().strip() != fingerprint:
         # atomic: other ranks (SLURM tasks) may be reading it (_resume_checkpoint_read_only)
-        tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
-        tmp.write_text(fingerprint + "\n")
-        os.replace(tmp, marker)
+        write_text_atomic(marker, fingerprint + "\n")
     return str(last) if last.exists() else None
 
 

@@ -20,13 +20,13 @@ import hashlib
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nidl_dino.atomic import atomic_path
 from nidl_dino.errors import UserError
 
 __all__ = [
@@ -80,13 +80,10 @@ class NpyVolumeCache:
 
     def _fill(self, path: str, target: Path) -> torch.Tensor:
         volume = self.load(path)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            with open(tmp, "wb") as handle:
+        try:  # a unique temporary name: concurrent workers may fill the same volume
+            with atomic_path(target) as tmp, open(tmp, "wb") as handle:
                 np.save(handle, torch.as_tensor(volume).contiguous().numpy())
-            os.replace(tmp, target)
         except OSError as err:  # a full disk costs speed, not the run
-            tmp.unlink(missing_ok=True)
             log.warning("volume cache: cannot write %s (%s); reading the source", target, err)
         return volume
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from nidl_dino.atomic import write_text_atomic
 from nidl_dino.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -301,7 +302,4 @@ def write_scan_cache(config: Mapping[str, Any], scans) -> None:
     text = scans.to_csv(sep="\t", index=False)
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text)

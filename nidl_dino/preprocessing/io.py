@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import io
 import json
 import os
 import struct
-import tempfile
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +16,7 @@ import numpy as np
 from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
 
+from nidl_dino.atomic import atomic_path, current_umask  # noqa: F401 (re-exported)
 from nidl_dino.errors import ScanRejected
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -91,40 +89,6 @@ def _nifti_class(raw: bytes) -> type | None:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it onto ``path`` only if the body succeeds.
-
-    The temporary name keeps the final suffixes (``.nii.gz``, ``.mat``), because writers pick
-    the format from them; it is hidden (leading dot) and in the same folder, so ``os.replace``
-    is an atomic rename and a killed job never leaves a half-written file under the final name.
-    The file gets the mode of an ordinary new file (``0o666`` less the umask), not
-    ``mkstemp``'s private ``0o600``: on a lab's shared storage colleagues must read the outputs.
-    """
-    path = Path(path)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent
-    )
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())
-    finally:
-        os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def current_umask() -> int:
-    """The process's umask (read by setting it and restoring it at once; no other API)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def save_nifti_atomic(img: nib.Nifti1Image, path: str | os.PathLike) -> None:
