@@ -24,6 +24,7 @@ from nidl_dino.distributed import train_job_resources
 from nidl_dino.errors import UserError
 from nidl_dino.inputs import scan_id_wildcard_constraint
 from nidl_dino.model import resolve_model
+from nidl_dino.settings import SCHEMA_PATH
 from nidl_dino.workflow import (
     aggregate_resources,
     check_config,
@@ -34,7 +35,8 @@ from nidl_dino.workflow import (
     write_scan_cache,
 )
 
-SCHEMA = f"{workflow.basedir}/pipeline/schemas/config.schema.yaml"
+# nidl_dino/config.schema.yaml: the one place config defaults are stated
+SCHEMA = str(SCHEMA_PATH)
 try:
     check_config(config, SCHEMA)  # one-line messages for the user
     validate(config, SCHEMA)  # fills the schema's defaults

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from nidl_dino.errors import UserError
+from nidl_dino.settings import defaults
 
 __all__ = [
     "DEFAULT_LOG_EVERY_N_STEPS",
@@ -43,7 +44,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Default ``trainer.log_every_n_steps``.
-DEFAULT_LOG_EVERY_N_STEPS = 10
+DEFAULT_LOG_EVERY_N_STEPS: int = defaults("trainer", "log_every_n_steps")
 _GPU_ACCELERATORS = ("gpu", "cuda")
 # Variables that list allocated GPU ids (a value "0" is GPU number 0).
 _GPU_ID_VARS = ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
@@ -140,7 +141,7 @@ def trainer_options(
     """
     environ = os.environ if environ is None else environ
     options = dict(trainer or {})
-    on_gpu = check_gpu(options.get("accelerator", "auto"), environ)
+    on_gpu = check_gpu(options.get("accelerator", defaults("trainer", "accelerator")), environ)
     deterministic = options.get("deterministic")
     if deterministic is True:
         options["deterministic"] = "warn"
@@ -148,7 +149,7 @@ def trainer_options(
         options["deterministic"] = True
     if on_gpu:
         options.setdefault("benchmark", not deterministic)
-    processes = device_count(options.get("devices", 1))
+    processes = device_count(options.get("devices", defaults("trainer", "devices")))
     if on_gpu and processes * int(options.get("num_nodes", 1) or 1) > 1:
         options.setdefault("sync_batchnorm", True)
     _check_slurm_tasks(processes, environ)

@@ -25,11 +25,12 @@ from typing import Any
 from pytorch_lightning.callbacks import Callback
 
 from nidl_dino.errors import UserError
+from nidl_dino.settings import with_defaults
 
 
 def n_devices(trainer_cfg: Mapping[str, Any] | None) -> int:
     """Processes the ``trainer`` section asks for: ``devices`` when it is an int, else 1."""
-    devices = (trainer_cfg or {}).get("devices", 1)
+    devices = with_defaults(trainer_cfg, "trainer")["devices"]
     if isinstance(devices, str) and devices.strip().isdigit():
         devices = int(devices)  # as Lightning reads "2" (and as --config passes nested numbers)
     if isinstance(devices, bool) or not isinstance(devices, int):

@@ -47,6 +47,7 @@ from monai.utils import ensure_tuple_rep
 from torch import nn
 
 from nidl_dino.errors import UserError
+from nidl_dino.settings import defaults
 
 __all__ = [
     "DEFAULT_POOLING",
@@ -426,7 +427,7 @@ def _in_channels(encoder: nn.Module) -> int:
 #: each stage's spatial standard deviation).
 POOLINGS = ("last", "stages", "stages_mean_std")
 #: The readout when config.yaml's ``extract.pooling`` is absent (its shipped value).
-DEFAULT_POOLING = "stages_mean_std"
+DEFAULT_POOLING: str = defaults("extract", "pooling")
 
 
 def feature_encoder(encoder: nn.Module, pooling: str = DEFAULT_POOLING) -> nn.Module:

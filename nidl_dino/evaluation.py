@@ -42,6 +42,7 @@ from nidl_dino.errors import UserError
 from nidl_dino.features import load_teacher
 from nidl_dino.features import random_encoder_like as _random_encoder_like
 from nidl_dino.probes import PREDICTION_COLUMNS, SCORE_COLUMNS, run_probes
+from nidl_dino.settings import with_defaults
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def feature_sets_for(
     Raises:
         UserError: a baseline table without a row for an ok scan (rerun extract).
     """
+    config = with_defaults(config, "probes")
     table = cohort[cohort["status"] == "ok"].reset_index(drop=True)
     # one key per scan: several runs of one session share participant and session ids
     qc_rows = table[["scan_id"]].merge(qc, on="scan_id", how="left", validate="one_to_one")
@@ -88,14 +90,14 @@ def feature_sets_for(
         sets["random_encoder"], _ = read_baseline_table(baselines["random_encoder"], scan_ids)
     if "intensities" in baselines:
         intensities, meta = read_baseline_table(baselines["intensities"], scan_ids)
-        pca = config.get("pca", {}) or {}
-        wanted = int(pca.get("downsample", meta.get("downsample", 0)))
+        pca = config["pca"]
+        wanted = int(pca["downsample"])
         if meta.get("downsample") is not None and int(meta["downsample"]) != wanted:
             raise UserError(
                 f"{baselines['intensities']}: intensities downsampled by {meta['downsample']}, "
                 f"probes.pca.downsample is {wanted}: rerun extract (snakemake -R extract)"
             )
-        n_components = int(pca.get("n_components", 32))
+        n_components = int(pca["n_components"])
         largest = _largest_pca(len(table), config)
         if n_components > largest:
             log.info(
@@ -107,13 +109,13 @@ def feature_sets_for(
             )
             n_components = largest
         sets["intensity_pca"] = pca_feature_set(
-            intensities, n_components=n_components, seed=int(config.get("seed", 0))
+            intensities, n_components=n_components, seed=int(config["seed"])
         )
     if "brain_histogram" in baselines:
         histograms, _ = read_baseline_table(baselines["brain_histogram"], scan_ids)
         sets["intensity_histogram"] = intensity_histogram_features(histograms, bins=32)
         sets["tissue_classes"] = tissue_class_features(histograms)
-    column = config.get("brain_volume_column", "etiv_ml")
+    column = config["brain_volume_column"]
     qc_column = next((c for c in qc_rows.columns if c == column or c.endswith(f".{column}")), None)
     if qc_column is not None:
         sets["brain_volume"] = brain_volume_feature(qc_rows, column=qc_column)
@@ -124,8 +126,8 @@ def feature_sets_for(
 
 def _largest_pca(n_rows: int, config: Mapping[str, Any]) -> int:
     """Largest PCA size the smallest inner training fold can fit (rows - 1, at least 1)."""
-    outer_train = n_rows - math.ceil(n_rows / int(config.get("n_splits", 5)))
-    inner_train = outer_train - math.ceil(outer_train / int(config.get("inner_splits", 3)))
+    outer_train = n_rows - math.ceil(n_rows / int(config["n_splits"]))
+    inner_train = outer_train - math.ceil(outer_train / int(config["inner_splits"]))
     return max(1, inner_train - 1)
 
 
@@ -167,17 +169,18 @@ def probe_targets(
     Returns:
         ``(scores, predictions, note)`` as :func:`evaluate_cohort`.
     """
-    targets = [t for t in config.get("targets", ["age", "sex"]) if t in table.columns]
-    missing = sorted(set(config.get("targets", [])) - set(targets))
+    config = with_defaults(config, "probes")
+    targets = [t for t in config["targets"] if t in table.columns]
+    missing = sorted(set(config["targets"]) - set(targets))
     for name in missing:
         log.warning("probe target %r is not a column of the cohort table: skipped", name)
     note = f"targets not in the cohort table: {', '.join(missing)}" if missing else ""
     if not targets:
         return (*_empty(), note or "no probe target configured")
-    stratify_by = config.get("stratify_by", "site")
+    stratify_by = config["stratify_by"]
     if stratify_by not in table.columns:
         stratify_by = None
-    group_by = config.get("group_by", "participant_id")
+    group_by = config["group_by"]
     notes = [note] if note else []
     all_scores, all_predictions = [], []
     for target in targets:  # one target at a time: a target the folds cannot take skips alone
@@ -186,14 +189,14 @@ def probe_targets(
                 feature_sets,
                 table,
                 [target],
-                n_splits=int(config.get("n_splits", 5)),
-                n_repeats=int(config.get("n_repeats", 3)),
-                seed=int(config.get("seed", 0)),
+                n_splits=int(config["n_splits"]),
+                n_repeats=int(config["n_repeats"]),
+                seed=int(config["seed"]),
                 stratify_by=stratify_by,
-                task_types=config.get("task_types") or None,
+                task_types=config["task_types"] or None,
                 group_by=group_by if group_by in table.columns else None,
                 include_chance=include_chance,
-                inner_splits=int(config.get("inner_splits", 3)),
+                inner_splits=int(config["inner_splits"]),
                 return_predictions=True,
             )
         except UserError as err:

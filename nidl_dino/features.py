@@ -29,6 +29,7 @@ from torch import nn
 from nidl_dino.atomic import atomic_path
 from nidl_dino.cohort import feature_columns, read_manifest_tables
 from nidl_dino.errors import UserError
+from nidl_dino.settings import with_defaults
 from nidl_dino.tables import write_table_atomic
 
 log = logging.getLogger(__name__)
@@ -365,9 +366,10 @@ def extract_cohort(
         qc: the QC table (scan_id, participant_id, session_id, status, ...).
         preproc_dir: the workflow's preprocessing folder.
         manifest_path: the manifest to write.
-        config: the ``extract:`` section (batch_size, num_workers, pooling, precision) plus
-            ``trainer`` (accelerator), ``encoder_seed`` (the workflow's seed) and
-            ``pca_downsample`` (``probes.pca.downsample``). Extraction runs in
+        config: the run's config, or the part of it that extraction reads (same shape as
+            config.yaml, missing keys take the schema's defaults): ``extract`` (batch_size,
+            num_workers, pooling, precision), ``trainer.accelerator``, ``seed`` (the random
+            baseline's weights) and ``probes.pca.downsample``. Extraction runs in
             ``extract.precision``, float32 (``"32-true"``) unless asked otherwise, whatever
             precision training used. ``num_workers: auto`` is ``threads``.
         baselines_dir: folder of the baseline tables (None: no baselines).
@@ -377,7 +379,7 @@ def extract_cohort(
         The manifest.
     """
     from nidl_dino.data import resolve_num_workers
-    from nidl_dino.encoders import DEFAULT_POOLING, feature_encoder
+    from nidl_dino.encoders import feature_encoder
     from nidl_dino.tables import ok_scans, preprocessed_volume
 
     out_dir = Path(manifest_path).parent
@@ -388,11 +390,13 @@ def extract_cohort(
     scans = ok_scans(qc)
     from nidl_dino.devices import check_gpu
 
-    trainer = config.get("trainer", {}) or {}
-    check_gpu(trainer.get("accelerator", "auto"))  # no silent CPU fallback
+    config = with_defaults(config)
+    accelerator = str(config["trainer"]["accelerator"])
+    check_gpu(accelerator)  # no silent CPU fallback
     encoder, info = load_teacher(teacher_path)
-    pooling = str(config.get("pooling", DEFAULT_POOLING))
-    precision = str(config.get("precision") or "32-true")
+    extract = config["extract"]
+    pooling = str(extract["pooling"])
+    precision = str(extract["precision"])
     # A scan's table is kept when the same model, readout and precision made it from the same
     # preprocessing (its folder's signature): a grown study extracts only its new scans.
     signatures = [preprocessing_signature(preproc_dir, s) for s in scans["scan_id"]]
@@ -410,25 +414,25 @@ def extract_cohort(
     )
     new = scans.iloc[todo].reset_index(drop=True)
     encoders = {"dino": feature_encoder(encoder, pooling)}
-    encoder_seed = int(config.get("encoder_seed", 0))
+    encoder_seed = int(config["seed"])
     downsample = None
     if baselines_dir is not None:
         # read out like the DINO features (extract.pooling): only the weights differ
         encoders["random_encoder"] = feature_encoder(
             random_encoder_like(info, seed=encoder_seed), pooling
         )
-        downsample = int(config.get("pca_downsample", 4))
+        downsample = int(config["probes"]["pca"]["downsample"])
         from nidl_dino.baselines import HISTOGRAM_BINS
     try:
-        num_workers = resolve_num_workers(config.get("num_workers", 0), threads)
+        num_workers = resolve_num_workers(extract["num_workers"], threads)
     except UserError as err:
         raise UserError(f"extract.{err}") from None
     sets = extract_feature_sets(
         encoders,
         [str(preprocessed_volume(preproc_dir, s)) for s in scans["scan_id"]],
-        batch_size=int(config.get("batch_size", 4)),
+        batch_size=int(extract["batch_size"]),
         num_workers=num_workers,
-        accelerator=str(trainer.get("accelerator", "auto")),
+        accelerator=accelerator,
         precision=precision,
         downsample=downsample,
         histogram_bins=HISTOGRAM_BINS if baselines_dir is not None else None,

@@ -48,22 +48,14 @@ from nidl_dino.participants import (
     normalise_session_id,
     read_bids_tsv,
 )
+from nidl_dino.settings import defaults
 
 logger = logging.getLogger(__name__)
 
-#: Keys of the ``inputs:`` config section and their defaults. ``bids_dir`` is a top-level key
-#: (see INTERFACE.md); :func:`resolve_inputs_config` brings it in.
-INPUT_DEFAULTS: dict[str, Any] = {
-    "scans_tsv": None,
-    "participants_tsv": None,
-    "suffix": "T1w",
-    "extensions": [".nii.gz", ".nii"],
-    "sessions": None,
-    "include_subjects": [],
-    "exclude_subjects": [],
-    "filters": {},
-    "run_policy": "error",
-}
+#: Keys of the ``inputs:`` config section and their defaults (the schema's, see
+#: :mod:`nidl_dino.settings`). ``bids_dir`` is a top-level key (see INTERFACE.md);
+#: :func:`resolve_inputs_config` brings it in.
+INPUT_DEFAULTS: dict[str, Any] = defaults("inputs")
 
 #: What to do when a subject/session has several matching scans (e.g. two runs).
 RUN_POLICIES: tuple[str, ...] = ("error", "first", "last", "all")

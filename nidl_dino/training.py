@@ -32,6 +32,7 @@ from nidl_dino.errors import UserError
 from nidl_dino.estimator import DINO
 from nidl_dino.features import save_teacher
 from nidl_dino.progress import EpochProgress, quiet_lightning
+from nidl_dino.settings import with_defaults
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,15 @@ FINGERPRINT_TRAINER_KEYS = ("max_epochs", "max_steps", "accumulate_grad_batches"
 
 def training_fingerprint(config: Mapping[str, Any], volume_paths: Sequence[str]) -> str:
     """Hash of what determines a training run: model, views, schedules, seed and the cohort."""
-    trainer = config.get("trainer", {}) or {}
+    config = with_defaults(config)
+    trainer = config["trainer"]
     payload = {
         "sections": {k: config.get(k) for k in FINGERPRINT_SECTIONS},
         "trainer": {k: trainer.get(k) for k in FINGERPRINT_TRAINER_KEYS},
-        "batch_size": (config.get("data", {}) or {}).get("batch_size"),
+        "batch_size": config["data"]["batch_size"],
         "volumes": sorted(os.path.basename(str(p)) for p in volume_paths),
     }
-    views_on_device = (config.get("data", {}) or {}).get("views_on_device", False)
-    if resolve_views_on_device(views_on_device, trainer.get("accelerator", "auto")):
+    if resolve_views_on_device(config["data"]["views_on_device"], trainer["accelerator"]):
         # device views draw other random numbers than the CPU workers: no resume across them
         # (only added when set, so the fingerprints of existing CPU-view runs are unchanged)
         payload["views_on_device"] = True
@@ -88,18 +89,17 @@ def build_model(
 
     ``image_sizes`` are the view sizes the encoder will see (global, local), checked now.
     """
+    config = with_defaults(config)
     # The config's seed fixes the encoder's initial weights, whatever the caller's RNG state.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(config.get("seed", 0)))
-        encoder = build_encoder(
-            config.get("encoder", "small_cnn"), in_channels=1, image_size=image_sizes
-        )
-    dino_cfg = dict(config.get("dino", {}) or {})
+        torch.manual_seed(int(config["seed"]))
+        encoder = build_encoder(config["encoder"], in_channels=1, image_size=image_sizes)
+    dino_cfg = dict(config.get("dino") or {})
     return DINO(
         encoder,
         proj_input_dim=int(encoder.output_dim),
         num_local_crops=num_local_crops,
-        random_state=config.get("seed", 0),
+        random_state=config["seed"],
         **dino_cfg,
         **trainer_kwargs,
     )
@@ -138,19 +138,19 @@ def train_from_config(
     """
     work = Path(work_dir)
     # Before anything is written: a GPU run without a usable GPU stops here, in one line.
-    trainer_cfg = trainer_options(config.get("trainer", {}) or {})
+    config = with_defaults(config)
+    trainer_cfg = trainer_options(config["trainer"])
     if len(volume_paths) < 2:
         raise UserError(
             f"training needs at least 2 scans that passed QC, got {len(volume_paths)}: check "
             "qc/qc.tsv for the exclusion reasons"
         )
-    data_cfg = dict(config.get("data", {}) or {})
-    accelerator = (config.get("trainer", {}) or {}).get("accelerator", "auto")
+    data_cfg = dict(config["data"])
     data_cfg["views_on_device"] = resolve_views_on_device(
-        data_cfg.get("views_on_device", False), accelerator
+        data_cfg["views_on_device"], config["trainer"]["accelerator"]
     )
     try:
-        data_cfg["num_workers"] = resolve_num_workers(data_cfg.get("num_workers", 0), threads)
+        data_cfg["num_workers"] = resolve_num_workers(data_cfg["num_workers"], threads)
     except UserError as err:
         raise UserError(f"data.{err}") from None
     config = {**config, "data": data_cfg}
@@ -170,16 +170,16 @@ def train_from_config(
     if ckpt_path:
         log.info("resuming training from %s", ckpt_path)
 
-    seed = int(config.get("seed", 0))
+    seed = int(config["seed"])
     datamodule = DINODataModule(
         volume_paths,
-        views_config=config.get("views"),
-        batch_size=int(data_cfg.get("batch_size", 8)),
-        num_workers=int(data_cfg.get("num_workers", 0)),
-        pin_memory=data_cfg.get("pin_memory"),
-        persistent_workers=bool(data_cfg.get("persistent_workers", True)),
-        cache=data_cfg.get("cache", "none"),
-        cache_dir=data_cfg.get("cache_dir") or str(work / "cache"),
+        views_config=config["views"],
+        batch_size=int(data_cfg["batch_size"]),
+        num_workers=int(data_cfg["num_workers"]),
+        pin_memory=data_cfg["pin_memory"],
+        persistent_workers=bool(data_cfg["persistent_workers"]),
+        cache=data_cfg["cache"],
+        cache_dir=data_cfg["cache_dir"] or str(work / "cache"),
         views_on_device=data_cfg["views_on_device"],
         seed=seed,
         val_paths=val_paths,
@@ -250,7 +250,7 @@ def train_from_config(
     card = training_card(config, _scan_ids(volume_paths), summary, monitors)
     model_id = save_teacher(
         model.teacher,
-        config.get("encoder", "small_cnn"),
+        config["encoder"],
         teacher_path,
         image_size=[list(s) for s in datamodule.image_sizes],
         extra={

@@ -55,6 +55,7 @@ from monai.transforms import (
 from monai.utils import MAX_SEED, convert_to_tensor, ensure_tuple_rep
 
 from nidl_dino.errors import UserError
+from nidl_dino.settings import defaults
 
 __all__ = [
     "DEFAULT_VIEWS_CONFIG",
@@ -64,25 +65,11 @@ __all__ = [
     "RandResizedCrop3d",
 ]
 
-#: The ``views:`` section of config.yaml, with defaults for the demo (~64^3 T1w volumes).
-#: Sizes are in voxels, scales are fractions of the input volume (voxel count), probabilities
-#: given as ``[global_1, global_2, local]``. For ~128^3 volumes use 96 / 48.
-DEFAULT_VIEWS_CONFIG: dict[str, Any] = {
-    "global_size": [48, 48, 48],
-    "local_size": [24, 24, 24],
-    "num_local_crops": 6,
-    "global_scale": [1.0, 1.0],
-    "local_scale": [0.0527, 0.0527],
-    "aspect_ratio": [1.0, 1.0],
-    "flip": {"prob": 0.5, "axes": [0]},
-    "affine": {"prob": 0.0, "rotate_deg": 10.0, "scale": 0.1},
-    "intensity": {
-        "bias_field": {"prob": [0.0, 0.0, 0.0], "degree": 3, "coeff": 0.2},
-        "gamma": {"prob": [0.0, 0.0, 0.0], "range": [0.7, 1.5]},
-        "smooth": {"prob": [0.5, 0.5, 0.5], "sigma": [0.25, 1.0]},
-        "noise": {"prob": [0.8, 0.8, 0.8], "std": 0.1},
-    },
-}
+#: The ``views:`` section's defaults, read from the schema (:mod:`nidl_dino.settings`): for the
+#: demo (~64^3 T1w volumes). Sizes are in voxels, scales are fractions of the input volume
+#: (voxel count), probabilities given as ``[global_1, global_2, local]``. For ~128^3 volumes use
+#: 96 / 48.
+DEFAULT_VIEWS_CONFIG: dict[str, Any] = defaults("views")
 
 
 class RandResizedCrop3d(Randomizable, Transform):

@@ -19,6 +19,7 @@ import yaml
 
 from nidl_dino.atomic import write_text_atomic
 from nidl_dino.errors import UserError
+from nidl_dino.settings import with_defaults
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +168,11 @@ def ensure_demo_data(config: Mapping[str, Any]) -> bool:
     Returns:
         True if the cohort was generated now.
     """
-    demo = config.get("demo") or {}
+    demo = with_defaults(config.get("demo"), "demo")
     bids_dir = config.get("bids_dir")
-    if not demo.get("enabled") or not bids_dir:
+    if not demo["enabled"] or not bids_dir:
         return False
-    target = Path(demo.get("bids_dir", "demo_data/bids"))
+    target = Path(demo["bids_dir"])
     if Path(bids_dir).resolve() != target.resolve() or (target / "participants.tsv").exists():
         return False
     from nidl_dino.demo import make_demo_dataset
@@ -182,10 +183,10 @@ def ensure_demo_data(config: Mapping[str, Any]) -> bool:
     )
     make_demo_dataset(
         target,
-        n_subjects=int(demo.get("n_subjects", 24)),
-        seed=int(demo.get("seed", 0)),
-        sessions=bool(demo.get("sessions", False)),
-        n_bad=int(demo.get("n_bad", 2)),
+        n_subjects=int(demo["n_subjects"]),
+        seed=int(demo["seed"]),
+        sessions=bool(demo["sessions"]),
+        n_bad=int(demo["n_bad"]),
     )
     return True
 
@@ -202,7 +203,7 @@ def scan_cache_path(config: Mapping[str, Any]) -> Path:
         default=str,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return Path(str(config.get("output_dir", "results"))) / ".cache" / f"scans-{digest}.tsv"
+    return Path(str(config["output_dir"])) / ".cache" / f"scans-{digest}.tsv"
 
 
 def discover(config: Mapping[str, Any], reuse_cache: bool = False):
@@ -221,7 +222,7 @@ def discover(config: Mapping[str, Any], reuse_cache: bool = False):
     if reuse_cache and cache.is_file():
         return pd.read_csv(cache, sep="\t", dtype=str, keep_default_na=False)
     scans = discover_scans(config)
-    output_dir = Path(str(config.get("output_dir", "results"))).resolve()
+    output_dir = Path(str(config["output_dir"])).resolve()
     bids_dir = config.get("bids_dir")
     if bids_dir and Path(bids_dir).resolve() in (output_dir, *output_dir.parents):
         raise UserError(

@@ -60,10 +60,15 @@ def _cohort_with_teacher(tmp_path):
     return cohort, qc, teacher, encoder
 
 
-def _extract(tmp_path, qc, teacher, **config):
+def _extract(tmp_path, qc, teacher, seed=0, pca_downsample=4, **extract):
     from nidl_dino.features import extract_cohort
 
-    config = {"trainer": {"accelerator": "cpu"}, "batch_size": 2, **config}
+    config = {
+        "trainer": {"accelerator": "cpu"},
+        "extract": {"batch_size": 2, **extract},
+        "seed": seed,
+        "probes": {"pca": {"downsample": pca_downsample}},
+    }
     out = tmp_path / "features"
     extract_cohort(teacher, qc, tmp_path / "preproc", out / "manifest.tsv", config, out / "base")
     return {
@@ -81,7 +86,7 @@ def test_feature_sets_align_with_ok_rows_and_read_the_extract_jobs_tables(tmp_pa
 
     cohort, qc, teacher, encoder = _cohort_with_teacher(tmp_path)
     # the extract job computes the baselines' inputs; the probes only read them
-    baselines = _extract(tmp_path, qc, teacher, encoder_seed=3, pca_downsample=4)
+    baselines = _extract(tmp_path, qc, teacher, seed=3, pca_downsample=4)
     table, sets = feature_sets_for(cohort, qc, baselines, {"seed": 0, "pca": {"downsample": 4}})
     assert list(table["participant_id"]) == ["sub-00", "sub-02", "sub-03", "sub-04"]
     assert sets["dino"][:, 0].tolist() == pytest.approx([0.1, 0.3, 0.4, 0.5])

@@ -164,7 +164,7 @@ def test_training_keeps_teacher_and_centre_float32_or_refuses(precision, quiet_t
 
 @pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
 def test_schema_refuses_half_true_precisions_in_one_line(precision, tmp_path):
-    schema = Path(__file__).parents[1] / "pipeline" / "schemas" / "config.schema.yaml"
+    schema = Path(__file__).parents[1] / "nidl_dino" / "config.schema.yaml"
     check_config({"output_dir": "x", "trainer": {"precision": "bf16-mixed"}}, schema)
     with pytest.raises(UserError) as err:
         check_config({"output_dir": "x", "trainer": {"precision": precision}}, schema)
@@ -198,7 +198,7 @@ def test_extraction_runs_float32_unless_asked_whatever_training_used(
     qc = pd.DataFrame(
         {"scan_id": ["sub-01"], "participant_id": ["sub-01"], "session_id": [""], "status": ["ok"]}
     )
-    config = {**extract, "trainer": {"accelerator": "cpu", "precision": "bf16-mixed"}}
+    config = {"extract": extract, "trainer": {"accelerator": "cpu", "precision": "bf16-mixed"}}
     features.extract_cohort("teacher.pt", qc, tmp_path, tmp_path / "manifest.tsv", config)
     assert seen["precision"] == expected and seen["accelerator"] == "cpu"
 

@@ -7,6 +7,7 @@ expected values come from formulas in the tests, not from earlier outputs.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -222,9 +223,9 @@ def test_landmark_keeps_its_world_position_through_the_pipeline(tmp_path, head_2
     np.testing.assert_allclose(center_of_mass_world(peak, img.affine), landmark, atol=0.5)
 
 
-def test_demo_spacing_gives_a_64_cube_and_default_a_128_cube():
+def test_3mm_spacing_gives_a_64_cube_and_1p5mm_a_128_cube():
     assert output_grid(merge_config(DEMO)["resample"])[0] == (64, 64, 64)
-    shape, affine = output_grid(DEFAULT_CONFIG["resample"])
+    shape, affine = output_grid({**DEFAULT_CONFIG["resample"], "spacing_mm": 1.5})
     assert shape == (128, 128, 128)
     # Voxel centres symmetric about the configured centre.
     center = affine @ [63.5, 63.5, 63.5, 1.0]
@@ -437,11 +438,12 @@ def test_local_optimum_keeps_the_true_transform_and_flags_a_wrong_one(wrong):
 
 
 def test_config_merges_nested_and_rejects_unknown_keys():
-    cfg = merge_config({"resample": {"spacing_mm": 3.0}, "bias_correction": {"enabled": False}})
-    assert cfg["resample"]["spacing_mm"] == 3.0
+    before = copy.deepcopy(DEFAULT_CONFIG)
+    cfg = merge_config({"resample": {"spacing_mm": 2.0}, "bias_correction": {"enabled": False}})
+    assert cfg["resample"]["spacing_mm"] == 2.0
     assert cfg["resample"]["fov_mm"] == DEFAULT_CONFIG["resample"]["fov_mm"]
     assert cfg["bias_correction"]["enabled"] is False
-    assert DEFAULT_CONFIG["resample"]["spacing_mm"] == 1.5  # defaults untouched
+    assert DEFAULT_CONFIG == before  # defaults untouched
     with pytest.raises(UserError, match=r"preprocessing\.resample\.spacing\b"):
         merge_config({"resample": {"spacing": 3.0}})
     with pytest.raises(UserError, match="registration.type"):
@@ -463,7 +465,7 @@ def test_project_config_and_schema_agree_with_the_defaults():
     import yaml
 
     root = Path(__file__).resolve().parents[1]
-    schema = yaml.safe_load((root / "pipeline" / "schemas" / "config.schema.yaml").read_text())
+    schema = yaml.safe_load((root / "nidl_dino" / "config.schema.yaml").read_text())
     section = schema.get("properties", {}).get("preprocessing", {})
     config = yaml.safe_load((root / "config.yaml").read_text()).get("preprocessing") or {}
     if "properties" not in section and not config:

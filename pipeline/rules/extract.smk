@@ -33,12 +33,13 @@ rule extract:
         tasks_per_gpu=0,  # one process (see rule train)
     params:
         scans=SCANS[["scan_id", "participant_id", "session_id"]].to_dict("records"),
+        # the part of config.yaml extraction reads, in its shape (nidl_dino.features); the seed
+        # gives the random-weights baseline DINO's own initial weights
         config=lambda wc: {
-            **config["extract"],
+            "extract": config["extract"],
             "trainer": config["trainer"],
-            # the random-weights baseline starts from DINO's own initial weights
-            "encoder_seed": config["seed"],
-            "pca_downsample": config["probes"]["pca"]["downsample"],
+            "seed": config["seed"],
+            "probes": {"pca": config["probes"]["pca"]},
         },
         preproc_dir=f"{OUT}/preproc",
     script:
