@@ -153,8 +153,8 @@ def train(paths: list[str], setting: dict, device: str, precision: str, folder: 
 
 
 def extract(model, paths: list[str], device: str, batch: int) -> dict:
-    from nidl_dino.encoders import DEFAULT_POOLING, feature_encoder
     from nidl_dino.features import extract_features
+    from nidl_dino.readout import DEFAULT_POOLING, feature_encoder
 
     encoder = feature_encoder(model.teacher.eval(), DEFAULT_POOLING)
     accelerator = "gpu" if device == "cuda" else "cpu"

@@ -14,6 +14,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from nidl_dino.base import BaseEstimator, TransformerMixin
+from nidl_dino.errors import UserError
 from nidl_dino.head import DINOProjectionHead
 from nidl_dino.importing import import_object, import_path_of, is_import_path
 from nidl_dino.koleo import koleo_loss
@@ -669,23 +670,22 @@ class DINO(TransformerMixin, BaseEstimator):
 
 
 def _build_encoder(encoder: Any, encoder_kwargs: dict[str, Any]) -> nn.Module:
+    """DINO's ``encoder`` as a module: instances as given, classes called with
+    ``encoder_kwargs``, and names (a registry name, or an import path restored from a
+    checkpoint) built by the package's one factory, :func:`nidl_dino.encoders.build_encoder`,
+    which builds nothing but ``nn.Module`` classes from a path."""
     if isinstance(encoder, nn.Module):
         return encoder
     if isinstance(encoder, str):
-        if ":" in encoder or "." in encoder:  # an import path, e.g. restored from a checkpoint
-            resolved = import_object(encoder)
-            # A checkpoint loads weights-only but could still name any function to call here.
-            if not (inspect.isclass(resolved) and issubclass(resolved, nn.Module)):
-                raise TypeError(
-                    f"DINO: encoder {encoder!r} is not an nn.Module class: give the encoder "
-                    "itself, e.g. DINO.load_from_checkpoint(path, encoder=...)"
-                )
-        if ":" in encoder:
-            encoder = resolved
-        else:
-            from nidl_dino.encoders import build_encoder  # the registry imports MONAI: lazy
+        from nidl_dino.encoders import build_encoder  # the registry imports MONAI: lazy
 
+        try:
             return build_encoder({"name": encoder, "kwargs": encoder_kwargs})
+        except UserError as err:
+            raise TypeError(
+                f"DINO: {err}; or give the encoder itself, e.g. "
+                "DINO.load_from_checkpoint(path, encoder=...)"
+            ) from None
     if callable(encoder):
         module = encoder(**encoder_kwargs)
         if not isinstance(module, nn.Module):

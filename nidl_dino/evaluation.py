@@ -39,10 +39,10 @@ from nidl_dino.baselines import (
 )
 from nidl_dino.cohort import FEATURE_PREFIX
 from nidl_dino.errors import UserError
-from nidl_dino.features import load_teacher
-from nidl_dino.features import random_encoder_like as _random_encoder_like
 from nidl_dino.probes import PREDICTION_COLUMNS, SCORE_COLUMNS, run_probes
 from nidl_dino.settings import with_defaults
+from nidl_dino.teacher import load_teacher
+from nidl_dino.teacher import random_encoder_like as _random_encoder_like
 
 log = logging.getLogger(__name__)
 

@@ -163,7 +163,7 @@ def read_teacher(path: str | os.PathLike) -> dict[str, Any]:
     """
     import torch
 
-    from nidl_dino.features import TEACHER_FORMAT
+    from nidl_dino.teacher import TEACHER_FORMAT
 
     path = Path(path)
     if not path.is_file():

@@ -30,9 +30,9 @@ from nidl_dino.distributed import RankRecord, n_devices
 from nidl_dino.encoders import build_encoder
 from nidl_dino.errors import UserError
 from nidl_dino.estimator import DINO
-from nidl_dino.features import save_teacher
 from nidl_dino.progress import EpochProgress, quiet_lightning
 from nidl_dino.settings import with_defaults
+from nidl_dino.teacher import save_teacher
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def train_from_config(
         work_dir: checkpoints (``checkpoints/last.ckpt``, ``checkpoints/best.ckpt``), logs
             (``logs/csv/version_*/metrics.csv``, ``logs/tensorboard/version_*``, one version per
             start) and ``training_curves.png`` go here.
-        teacher_path: where the trained teacher is saved (:func:`nidl_dino.features.save_teacher`).
+        teacher_path: where the trained teacher is saved (:func:`nidl_dino.teacher.save_teacher`).
         val_paths: optional validation volumes.
         threads: the job's CPUs, the loader workers of ``data.num_workers: auto`` (None: the
             CPUs this process may run on).

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from nidl_dino.features import extract_features, load_teacher
+from nidl_dino.features import extract_features
+from nidl_dino.teacher import load_teacher
 from nidl_dino.training import train_from_config
 
 CONFIG = {

@@ -30,7 +30,7 @@ def _cohort_with_teacher(tmp_path):
     import torch
 
     from nidl_dino.encoders import build_encoder
-    from nidl_dino.features import save_teacher
+    from nidl_dino.teacher import save_teacher
 
     rng = np.random.default_rng(0)
     scans = [f"sub-{i:02d}" for i in range(5)]
@@ -79,9 +79,9 @@ def _extract(tmp_path, qc, teacher, seed=0, pca_downsample=4, **extract):
 
 def test_feature_sets_align_with_ok_rows_and_read_the_extract_jobs_tables(tmp_path):
     from nidl_dino.baselines import downsampled_intensities
-    from nidl_dino.encoders import feature_encoder
     from nidl_dino.evaluation import feature_sets_for, random_encoder_like
     from nidl_dino.features import extract_features
+    from nidl_dino.readout import feature_encoder
     from nidl_dino.tables import ok_volumes
 
     cohort, qc, teacher, encoder = _cohort_with_teacher(tmp_path)
@@ -126,7 +126,7 @@ def test_random_encoder_baseline_is_the_trained_encoders_starting_point(tmp_path
 
     from nidl_dino.encoders import build_encoder
     from nidl_dino.evaluation import random_encoder_like
-    from nidl_dino.features import save_teacher
+    from nidl_dino.teacher import save_teacher
 
     spec = {"name": "small_cnn", "kwargs": {}}
     teacher = tmp_path / "teacher.pt"

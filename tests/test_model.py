@@ -13,7 +13,6 @@ import torch
 from nidl_dino.derivatives import BIDSIGNORE, dataset_description, write_derivatives_files
 from nidl_dino.encoders import build_encoder
 from nidl_dino.errors import UserError
-from nidl_dino.features import save_teacher
 from nidl_dino.model import (
     CARD_FORMAT,
     card_markdown,
@@ -26,6 +25,7 @@ from nidl_dino.model import (
     select_training_scans,
     training_card,
 )
+from nidl_dino.teacher import save_teacher
 
 PREPROCESSING = {
     "resample": {"spacing_mm": 4.0, "fov_mm": [192.0, 192.0, 192.0]},

@@ -194,7 +194,7 @@ def test_extraction_runs_float32_unless_asked_whatever_training_used(
     monkeypatch.setattr(
         features, "load_teacher", lambda path: (torch.nn.Identity(), {"model_id": "m"})
     )
-    monkeypatch.setattr("nidl_dino.encoders.feature_encoder", lambda encoder, pooling: encoder)
+    monkeypatch.setattr("nidl_dino.readout.feature_encoder", lambda encoder, pooling: encoder)
     qc = pd.DataFrame(
         {"scan_id": ["sub-01"], "participant_id": ["sub-01"], "session_id": [""], "status": ["ok"]}
     )

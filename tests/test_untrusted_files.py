@@ -22,7 +22,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from nidl_dino import DINO
 from nidl_dino.encoders import build_encoder
 from nidl_dino.errors import UserError
-from nidl_dino.features import TEACHER_FORMAT, load_teacher, save_teacher
+from nidl_dino.teacher import TEACHER_FORMAT, load_teacher, save_teacher
 
 from dino_fixtures import SMALL_HEAD, TinyConv3d, views_loader
 

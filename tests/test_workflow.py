@@ -365,8 +365,8 @@ def test_a_dry_run_writes_nothing_a_run_writes_the_scan_cache(tmp_path, bids):
 def _teacher_for(path: Path, preprocessing: dict) -> Path:
     """A small teacher whose card records ``preprocessing`` (no training needed)."""
     from nidl_dino.encoders import build_encoder
-    from nidl_dino.features import save_teacher
     from nidl_dino.model import training_card
+    from nidl_dino.teacher import save_teacher
 
     spec = {"name": "small_cnn", "kwargs": {"channels": [4, 8]}}
     card = training_card({"preprocessing": preprocessing}, ["sub-01"], {})
