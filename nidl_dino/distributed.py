@@ -104,7 +104,7 @@ def run_ranks(
         "--label",
         sys.executable,
         "-m",
-        "nidl_dino.distributed",
+        "nidl_dino.training",  # its __main__ trains one rank from the spec
         str(spec_path),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(cpus_per_task), "PYTHONUNBUFFERED": "1"}
@@ -163,22 +163,6 @@ class RankRecord(Callback):
         (self.out_dir / f"rank-{record['rank']}.json").write_text(json.dumps(record) + "\n")
 
 
-def _rank_main(spec_path: str) -> None:
-    """One rank: train from the spec that :func:`run_ranks` wrote."""
-    import torch
-
-    from nidl_dino.training import train_from_config
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    spec = json.loads(Path(spec_path).read_text())
-    train_from_config(**spec)
-
-
 def rank_paths(volumes: Sequence[str]) -> list[str]:
     """Absolute paths, so that ranks started elsewhere find the volumes."""
     return [str(Path(v).resolve()) for v in volumes]
-
-
-if __name__ == "__main__":
-    _rank_main(sys.argv[1])

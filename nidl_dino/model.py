@@ -132,18 +132,6 @@ def check_preprocessing(
 
 
 # ----------------------------------------------------------------------------- the teacher file
-def weights_digest(state: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of a state dict: names and float32 bytes, in sorted name order.
-
-    The model id holds its first 12 digits, so a damaged file (changed weights) is detected.
-    """
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].float().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -163,7 +151,7 @@ def read_teacher(path: str | os.PathLike) -> dict[str, Any]:
     """
     import torch
 
-    from nidl_dino.teacher import TEACHER_FORMAT
+    from nidl_dino.teacher import TEACHER_FORMAT, weights_digest
 
     path = Path(path)
     if not path.is_file():

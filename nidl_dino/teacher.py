@@ -8,6 +8,7 @@ and only a class of ``nn.Module`` is ever built from such a path.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 from collections.abc import Mapping
@@ -24,6 +25,18 @@ from nidl_dino.errors import UserError
 TEACHER_FORMAT = "nidl-dino-teacher/1"
 
 
+def weights_digest(state: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a state dict: names and float32 bytes, in sorted name order.
+
+    The model id holds its first 12 digits, so a damaged file (changed weights) is detected.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].float().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_teacher(
     teacher: nn.Module,
     encoder_spec: Any,
@@ -36,8 +49,6 @@ def save_teacher(
     The model id is ``dino-<encoder name>-<first 12 hex digits of the weights' SHA-256>``, so a
     feature table says exactly which weights produced it.
     """
-    from nidl_dino.model import weights_digest
-
     state = {k: v.detach().cpu().clone() for k, v in teacher.state_dict().items()}
     spec = _plain_spec(encoder_spec)
     name = str(spec["name"]).replace(":", ".").split(".")[-1]

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -315,3 +316,15 @@ __all__ = [
     "train_from_config",
     "training_fingerprint",
 ]
+
+
+def _rank_main(spec_path: str) -> None:
+    """One rank: train from the spec that :func:`nidl_dino.distributed.run_ranks` wrote."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    spec = json.loads(Path(spec_path).read_text())
+    train_from_config(**spec)
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1])

@@ -1,0 +1,86 @@
+"""The package's import graph: no cycles (lazy imports inside functions included) and nothing
+imported from the workflow's ``pipeline/`` folder (the package stands without the workflow)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "nidl_dino"
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        mods[name] = path
+    return mods
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> list[str]:
+    """Every module an import statement of the file names, at any depth of the file.
+
+    ``from package import submodule`` names the submodule; ``from module import name`` the module.
+    """
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                names.append(sub if sub in modules else node.module)
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+    return names
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    return {
+        name: {t for t in _imports(path, mods) if t in mods and t != name}
+        for name, path in mods.items()
+    }
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph (as a path that returns to its start), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_the_package_import_graph_has_no_cycle():
+    graph = _graph()
+    assert len(graph) > 30 and graph["nidl_dino.training"]  # the graph was read
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_nothing_in_the_package_imports_the_workflow():
+    found = [
+        f"{name}: {target}"
+        for name, path in _modules().items()
+        for target in _imports(path, {})
+        if target == "pipeline" or target.startswith("pipeline.")
+    ]
+    assert not found, found
