@@ -167,18 +167,32 @@ def ensure_demo_data(config: Mapping[str, Any]) -> bool:
 
     Returns:
         True if the cohort was generated now.
+
+    Raises:
+        UserError: ``demo.bids_dir`` holds a demo cohort of another ``demo.variant``.
     """
     demo = with_defaults(config.get("demo"), "demo")
     bids_dir = config.get("bids_dir")
     if not demo["enabled"] or not bids_dir:
         return False
     target = Path(demo["bids_dir"])
-    if Path(bids_dir).resolve() != target.resolve() or (target / "participants.tsv").exists():
+    if Path(bids_dir).resolve() != target.resolve():
         return False
-    from nidl_dino.demo import make_demo_dataset
+    from nidl_dino.demo import make_demo_dataset, recorded_variant
+
+    variant = str(demo["variant"])
+    if (target / "participants.tsv").exists():
+        found = recorded_variant(target)
+        if found is not None and found != variant:
+            raise UserError(
+                f"{target}: holds the demo variant {found!r} but demo.variant is {variant!r}; "
+                "delete that folder (or set demo.bids_dir to a new one) to generate it"
+            )
+        return False
 
     print(
-        f"nidl-dino: generating the synthetic demo cohort in {target} (first run only)",
+        f"nidl-dino: generating the synthetic demo cohort in {target}"
+        f"{'' if variant == 'default' else f' (variant {variant})'} (first run only)",
         file=sys.stderr,
     )
     make_demo_dataset(
@@ -187,6 +201,7 @@ def ensure_demo_data(config: Mapping[str, Any]) -> bool:
         seed=int(demo["seed"]),
         sessions=bool(demo["sessions"]),
         n_bad=int(demo["n_bad"]),
+        variant=variant,
     )
     return True
 

@@ -82,12 +82,41 @@ volume (Rician noise, no anatomy, so registration fails), a ``nan`` float32 volu
 ordinary entries of participants.tsv; the returned table's ``bad_scan`` column and
 ``demo_manifest.tsv`` (ground truth per scan: volumes, latents, pose; in ``.bidsignore``) say which.
 
+Cohort variants (:mod:`nidl_dino.demo.variant`): everything above is the ``default`` variant.
+A :class:`~nidl_dino.demo.variant.CohortVariant` (``make_demo_dataset(..., variant=...)``,
+``python -m nidl_dino.demo OUT --variant NAME``, or ``demo.variant`` in config.yaml) changes the
+knobs a recipe could latch onto: skull and scalp (off: skull-stripped scans, zero outside the
+brain), the bias-field and noise scales (x the site's; 0 = none), the site protocols (with a
+tissue-contrast exponent, ``signal ** contrast``), the gain of each age effect (1.2, 0.15 and
+0.06 above; 0 removes it), a white-matter T1w signal loss ``1 - gain a`` (default gain 0) and
+white-matter lesions (default none): ``Poisson(lesion_count a^2 L)`` present at age ``a``,
+``L`` a log-normal subject load, mostly periventricular, growing after their onset, of T1w
+intensity ``lesion_intensity``, drawn from a stream of their own. The named presets are
+``default``, ``brain_only``, ``strong_bias``, ``lesions`` and ``weak_gm_contrast``; a variant
+other than ``default`` writes its knobs to ``demo_variant.json``.
+
 Randomness: streams of ``numpy.random.SeedSequence(seed, spawn_key=...)`` for the cohort design,
 each subject's anatomy and each scan; files are gzip with mtime 0, so the same seed (and numpy,
 scipy, nibabel versions) gives byte-identical files.
 """
 
-from nidl_dino.demo.dataset import BAD_KINDS, is_demo_dataset, make_demo_dataset
+from nidl_dino.demo.dataset import (
+    BAD_KINDS,
+    is_demo_dataset,
+    make_demo_dataset,
+    recorded_variant,
+)
 from nidl_dino.demo.scanner import DEFAULT_SITES, SiteProtocol
+from nidl_dino.demo.variant import PRESETS, CohortVariant, get_variant
 
-__all__ = ["BAD_KINDS", "DEFAULT_SITES", "SiteProtocol", "is_demo_dataset", "make_demo_dataset"]
+__all__ = [
+    "BAD_KINDS",
+    "DEFAULT_SITES",
+    "PRESETS",
+    "CohortVariant",
+    "SiteProtocol",
+    "get_variant",
+    "is_demo_dataset",
+    "make_demo_dataset",
+    "recorded_variant",
+]

@@ -2,8 +2,10 @@
 
 The template's tissue probability maps (grey matter, white matter, brain mask; the CSF map is the
 brain mask minus both) are edited per subject by the age effects (ventricle enlargement, pial-side
-grey-matter loss, grey/white contrast) and turned into a T1w-like intensity image with a synthetic
-scalp-and-skull shell. The non-linear geometry (sex shape mode, random smooth warp) is applied here,
+grey-matter loss, grey/white contrast; with a :class:`~nidl_dino.demo.variant.CohortVariant` that
+asks for them, white-matter signal loss and white-matter lesions) and turned into a T1w-like
+intensity image with a synthetic scalp-and-skull shell (none for a variant without skull).
+The size of every age effect is a knob of the variant. The non-linear geometry (sex shape mode, random smooth warp) is applied here,
 on the template grid (:func:`warped_intensity`); head size and pose are applied by
 :mod:`nidl_dino.demo.scanner` when it samples the result onto a scanner grid. See
 :mod:`nidl_dino.demo` for the model and its parameters.
@@ -13,9 +15,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage as ndi
+
+if TYPE_CHECKING:
+    from nidl_dino.demo.variant import CohortVariant
 
 # Age scale: a = (age - AGE_REF) / AGE_SPAN, 0 at 20 years, 1 at 80 years.
 AGE_REF = 20.0
@@ -68,6 +74,19 @@ SHELL_PROFILE_MM = (0.0, 1.5, 2.5, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 13.0, 14.5)
 SHELL_PROFILE_VALUE = (0.25, 0.25, 0.08, 0.08, 0.5, 0.5, 0.08, 0.08, 0.9, 0.8, 0.0)
 SHELL_THICKNESS_RANGE = (0.85, 1.2)
 
+# White-matter lesions (variants with lesion_count > 0). The number of lesions present at age a is
+# Poisson with mean lesion_count * a**2 * L (L = exp(LESION_LOAD_SD z - LESION_LOAD_SD**2 / 2), the
+# subject's load): onsets are drawn as LESION_MAX_A * sqrt(U), a lesion stays once it appears.
+LESION_MAX_A = 1.25  # the largest a of age_fraction
+LESION_LOAD_SD = 0.5
+LESION_RADIUS_SD = 0.3  # log-normal spread of the onset radius around lesion_radius_mm
+LESION_GROWTH = 2.0  # radius multiplied by 1 + LESION_GROWTH * (a - onset): x2 after 30 years
+LESION_EDGE_MM = 0.5  # width of the soft lesion boundary
+# Centres: template voxels with white matter > LESION_MIN_WM, weighted by
+# exp(-distance to the ventricles / LESION_PERIVENTRICULAR_MM): mostly periventricular.
+LESION_MIN_WM = 0.9
+LESION_PERIVENTRICULAR_MM = 10.0
+
 # Rows of edge-replicated template slices added below the template (the neck).
 _NECK_SLICES = 12
 _TEMPLATE_RESOLUTION_MM = 2
@@ -112,6 +131,16 @@ class Template:
     def brain_ml(self) -> float:
         """Volume of the brain mask, the intracranial volume before head scaling (ml)."""
         return float(self.brain.sum()) * self.voxel_ml
+
+
+def variant_or_default(variant: CohortVariant | None) -> CohortVariant:
+    """``variant``, or the default variant (today's demo) for None."""
+    if variant is not None:
+        return variant
+    # Imported here: nidl_dino.demo.variant takes its defaults from this module.
+    from nidl_dino.demo.variant import DEFAULT_VARIANT
+
+    return DEFAULT_VARIANT
 
 
 def _ventricle_mask(csf: np.ndarray, brain: np.ndarray) -> np.ndarray:
@@ -201,6 +230,27 @@ def load_template() -> Template:
 
 
 @dataclass(frozen=True)
+class Lesion:
+    """One white-matter lesion of a subject.
+
+    Attributes:
+        onset: Age (on the ``a`` scale of :func:`age_fraction`) at which it appears.
+        centre_mm: Centre in template (MNI) coordinates (mm).
+        radius_mm: Radius at onset (mm); it grows as ``1 + LESION_GROWTH (a - onset)``.
+    """
+
+    onset: float
+    centre_mm: tuple[float, float, float]
+    radius_mm: float
+
+    def radius_at(self, a: float) -> float:
+        """Radius (mm) at age ``a``; 0 before the onset."""
+        if a < self.onset:
+            return 0.0
+        return self.radius_mm * (1.0 + LESION_GROWTH * (a - self.onset))
+
+
+@dataclass(frozen=True)
 class Anatomy:
     """One subject's latent anatomy: fixed across sessions, except for age.
 
@@ -212,6 +262,7 @@ class Anatomy:
         sex_mode_mm: Amplitude of the sex shape mode (mm).
         warp_coef: Control-point displacements of the random warp (mm), shape (3, I, J, K).
         shell_thickness: Multiplier of the scalp-and-skull profile's distances.
+        lesions: White-matter lesions (:func:`draw_lesions`), none by default.
     """
 
     sex: str
@@ -223,6 +274,7 @@ class Anatomy:
     sex_mode_mm: float
     warp_coef: np.ndarray
     shell_thickness: float
+    lesions: tuple[Lesion, ...] = ()
 
 
 def _warp_control_shape(template: Template) -> tuple[int, int, int]:
@@ -261,6 +313,82 @@ def draw_anatomy(rng: np.random.Generator, sex: str) -> Anatomy:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _lesion_sites() -> tuple[np.ndarray, np.ndarray]:
+    """Candidate lesion centres (template voxel indices) and their sampling probabilities."""
+    tpl = load_template()
+    idx = np.argwhere(tpl.wm > LESION_MIN_WM)
+    weight = np.exp(-np.maximum(tpl.vent_sdf[tuple(idx.T)], 0.0) / LESION_PERIVENTRICULAR_MM)
+    return idx, weight / weight.sum()
+
+
+def draw_lesions(rng: np.random.Generator, variant: CohortVariant) -> tuple[Lesion, ...]:
+    """Draw a subject's white-matter lesions over its life (none when ``lesion_count`` is 0).
+
+    The expected number present at age ``a`` is ``lesion_count a^2`` times the subject's load
+    ``exp(LESION_LOAD_SD z - LESION_LOAD_SD^2 / 2)`` (mean 1); centres favour periventricular
+    white matter; onset radii are log-normal around ``lesion_radius_mm``.
+
+    Args:
+        rng: The subject's lesion generator (a stream of its own, so that the other draws of a
+            subject do not depend on the variant).
+        variant: The cohort variant (``lesion_count``, ``lesion_radius_mm``).
+
+    Returns:
+        The lesions, ordered by onset.
+    """
+    if variant.lesion_count <= 0:
+        return ()
+    load = np.exp(LESION_LOAD_SD * rng.standard_normal() - LESION_LOAD_SD**2 / 2)
+    n = int(rng.poisson(variant.lesion_count * LESION_MAX_A**2 * load))
+    onsets = np.sort(LESION_MAX_A * np.sqrt(rng.uniform(size=n)))
+    idx, prob = _lesion_sites()
+    tpl = load_template()
+    voxels = idx[rng.choice(len(idx), size=n, p=prob)]
+    jitter = rng.uniform(-0.5, 0.5, size=(n, 3))
+    centres = (voxels + jitter) @ tpl.affine[:3, :3].T + tpl.affine[:3, 3]
+    radii = variant.lesion_radius_mm * np.exp(LESION_RADIUS_SD * rng.standard_normal(n))
+    return tuple(
+        Lesion(float(t), (float(c[0]), float(c[1]), float(c[2])), float(r))
+        for t, c, r in zip(onsets, centres, radii, strict=True)
+    )
+
+
+def lesion_occupancy(lesions: tuple[Lesion, ...], age: float) -> tuple[np.ndarray, int]:
+    """Fraction of each template voxel inside a lesion present at ``age``, and their number.
+
+    A lesion of radius ``r`` occupies ``(1 + tanh((r - d) / (2 LESION_EDGE_MM))) / 2`` at
+    distance ``d`` (mm) from its centre; overlapping lesions combine as ``1 - prod(1 - o_j)``.
+
+    Returns:
+        ``(occupancy, count)``: float32 array of the template's shape, in [0, 1], and the number
+        of lesions present.
+    """
+    tpl = load_template()
+    a = age_fraction(age)
+    free = np.ones(tpl.brain.shape, np.float32)
+    inv = np.linalg.inv(tpl.affine)
+    spacing = float(_TEMPLATE_RESOLUTION_MM)
+    count = 0
+    for lesion in lesions:
+        radius = lesion.radius_at(a)
+        if radius <= 0:
+            continue
+        count += 1
+        centre = inv[:3, :3] @ np.asarray(lesion.centre_mm) + inv[:3, 3]
+        reach = (radius + 4 * LESION_EDGE_MM) / spacing
+        lo = np.maximum(np.floor(centre - reach).astype(int), 0)
+        hi = np.minimum(np.ceil(centre + reach).astype(int) + 1, tpl.brain.shape)
+        if np.any(hi <= lo):
+            continue
+        axes = [(np.arange(lo[k], hi[k]) - centre[k]) * spacing for k in range(3)]
+        dist = np.sqrt(sum(np.meshgrid(*[x * x for x in axes], indexing="ij")))
+        inside = 0.5 * (1.0 + np.tanh((radius - dist) / (2.0 * LESION_EDGE_MM)))
+        box = tuple(slice(lo[k], hi[k]) for k in range(3))
+        free[box] *= (1.0 - inside).astype(np.float32)
+    return 1.0 - free, count
+
+
 def age_fraction(age: float) -> float:
     """Age on the model's scale, (age - 20) / 60, clipped to [0, 1.25] (unitless)."""
     return float(np.clip((age - AGE_REF) / AGE_SPAN, 0.0, 1.25))
@@ -268,7 +396,11 @@ def age_fraction(age: float) -> float:
 
 @dataclass(frozen=True)
 class TissueMaps:
-    """A subject's tissue fractions in template space, and their volumes in template space (ml)."""
+    """A subject's tissue fractions in template space, and their volumes in template space (ml).
+
+    ``gm + wm + csf + lesion`` is the brain mask; ``wm`` excludes lesioned white matter.
+    ``lesion`` is None (and ``lesion_ml``, ``lesion_count`` 0) without lesions.
+    """
 
     gm: np.ndarray
     wm: np.ndarray
@@ -278,24 +410,29 @@ class TissueMaps:
     gm_ml: float
     wm_ml: float
     csf_ml: float
+    lesion: np.ndarray | None = None
+    lesion_ml: float = 0.0
+    lesion_count: int = 0
 
 
-def tissue_maps(anatomy: Anatomy, age: float) -> TissueMaps:
+def tissue_maps(anatomy: Anatomy, age: float, variant: CohortVariant | None = None) -> TissueMaps:
     """Apply the age effects to the template's tissue maps.
 
     Args:
-        anatomy: The subject's latent anatomy.
+        anatomy: The subject's latent anatomy (with its lesions, if any).
         age: Age at the scan (years).
+        variant: The cohort variant (``ventricle_gain``, ``thinning_gain``); None: the default.
 
     Returns:
         The edited :class:`TissueMaps` (template space, before head scaling and warps).
     """
+    variant = variant_or_default(variant)
     tpl = load_template()
     a = age_fraction(age)
     shape = tpl.brain.shape
 
     # Ventricles: move the boundary to the radius whose volume matches the target.
-    target = np.exp(VENT_LOG_GAIN * a**2 + VENT_LOG_SD * anatomy.z_vent)
+    target = np.exp(variant.ventricle_gain * a**2 + VENT_LOG_SD * anatomy.z_vent)
     base = float(np.interp(0.0, tpl.vent_radius_mm, tpl.vent_volume_ml))
     radius = float(np.interp(target * base, tpl.vent_volume_ml, tpl.vent_radius_mm))
     band = tpl.vent_band
@@ -317,12 +454,18 @@ def tissue_maps(anatomy: Anatomy, age: float) -> TissueMaps:
     wm = tissue - gm
 
     # Cortex: pial-side GM becomes CSF, in proportion to the proximity of sulcal CSF.
-    thinning = max(0.0, THIN_GAIN * a + THIN_SD * anatomy.z_thin)
+    thinning = max(0.0, variant.thinning_gain * a + THIN_SD * anatomy.z_thin)
     loss = gm * np.minimum(1.0, thinning * tpl.pial_norm * tpl.pial_proximity)
     gm = gm - loss
     csf = csf + loss
 
     v = tpl.voxel_ml
+    lesion, lesion_ml, lesion_count = None, 0.0, 0
+    if anatomy.lesions:
+        occupancy, lesion_count = lesion_occupancy(anatomy.lesions, age)
+        lesion = (wm * occupancy).astype(np.float32)
+        wm = wm - lesion
+        lesion_ml = float(lesion.sum()) * v
     return TissueMaps(
         gm=gm.astype(np.float32),
         wm=wm.astype(np.float32),
@@ -332,29 +475,54 @@ def tissue_maps(anatomy: Anatomy, age: float) -> TissueMaps:
         gm_ml=float(gm.sum()) * v,
         wm_ml=float(wm.sum()) * v,
         csf_ml=float(csf.sum()) * v,
+        lesion=lesion,
+        lesion_ml=lesion_ml,
+        lesion_count=lesion_count,
     )
 
 
-def gm_intensity(anatomy: Anatomy, age: float) -> float:
-    """Grey-matter T1w intensity relative to white matter: rises with age (contrast loss)."""
+def gm_intensity(anatomy: Anatomy, age: float, variant: CohortVariant | None = None) -> float:
+    """Grey-matter T1w intensity relative to young white matter: rises with age (contrast loss).
+
+    ``0.66 + gm_intensity_gain a + 0.025 z`` (``gm_intensity_gain`` of the variant, 0.06 by
+    default).
+    """
+    variant = variant_or_default(variant)
     a = age_fraction(age)
-    return GM_INTENSITY + GM_INTENSITY_AGE_GAIN * a + GM_INTENSITY_SD * anatomy.z_contrast
+    return GM_INTENSITY + variant.gm_intensity_gain * a + GM_INTENSITY_SD * anatomy.z_contrast
 
 
-def template_intensity(anatomy: Anatomy, maps: TissueMaps, age: float) -> np.ndarray:
-    """T1w-like image in template space (white matter = 1), scalp and skull included.
+def wm_intensity(age: float, variant: CohortVariant | None = None) -> float:
+    """White-matter T1w intensity relative to young white matter: ``1 - wm_intensity_gain a``."""
+    variant = variant_or_default(variant)
+    return 1.0 - variant.wm_intensity_gain * age_fraction(age)
+
+
+def template_intensity(
+    anatomy: Anatomy, maps: TissueMaps, age: float, variant: CohortVariant | None = None
+) -> np.ndarray:
+    """T1w-like image in template space (young white matter = 1), scalp and skull included.
 
     Args:
         anatomy: The subject's latent anatomy.
         maps: Its tissue maps at this age.
         age: Age at the scan (years).
+        variant: The cohort variant (age effects on intensity, lesion intensity; without skull
+            the image is 0 outside the brain mask). None: the default.
 
     Returns:
         Intensity image, shape of the template grid, float32.
     """
+    variant = variant_or_default(variant)
     tpl = load_template()
     csf_value = CSF_INTENSITY + CSF_INTENSITY_SD * anatomy.z_csf
-    image = maps.wm + gm_intensity(anatomy, age) * maps.gm + csf_value * maps.csf
+    wm_value = wm_intensity(age, variant)
+    wm = maps.wm if wm_value == 1.0 else np.float32(wm_value) * maps.wm
+    image = wm + gm_intensity(anatomy, age, variant) * maps.gm + csf_value * maps.csf
+    if maps.lesion is not None:
+        image = image + np.float32(variant.lesion_intensity) * maps.lesion
+    if not variant.skull:
+        return image.astype(np.float32)
     # The shell starts half a voxel outside the mask, where distances start at one voxel.
     depth = np.maximum(tpl.head_depth - 0.5 * _TEMPLATE_RESOLUTION_MM, 0.0)
     shell = np.interp(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -15,19 +16,23 @@ import pandas as pd
 
 from nidl_dino.demo import anatomy as anat
 from nidl_dino.demo import scanner
+from nidl_dino.demo.variant import DEFAULT_VARIANT, CohortVariant, get_variant
 from nidl_dino.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 GENERATOR_NAME = "nidl_dino.demo"
 MANIFEST_NAME = "demo_manifest.tsv"
+VARIANT_NAME = "demo_variant.json"
 BAD_KINDS = ("truncated", "empty", "noise", "nan")
 AGE_RANGE = (20.0, 80.0)
 SESSION_GAP_YEARS = (1.0, 3.0)
 PARTICIPANT_COLUMNS = ("participant_id", "age", "sex", "site")
 
-# Spawn keys of the random streams: cohort design, subject anatomy, one scan.
-_COHORT, _SUBJECT, _SCAN = 0, 1, 2
+# Spawn keys of the random streams: cohort design, subject anatomy, one scan, subject lesions.
+# Lesions have a stream of their own, so that a variant with lesions draws every other latent
+# (and every scan) exactly as the variant without them.
+_COHORT, _SUBJECT, _SCAN, _LESIONS = 0, 1, 2, 3
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -124,6 +129,23 @@ def is_demo_dataset(path: Path) -> bool:
         return False
 
 
+def recorded_variant(path: Path) -> str | None:
+    """Name of the variant a demo dataset was generated with (None if ``path`` is not a demo).
+
+    Datasets of the default variant carry no ``demo_variant.json`` (their bytes are those of
+    the demo before variants existed): they report ``"default"``.
+    """
+    path = Path(path)
+    if not is_demo_dataset(path):
+        return None
+    try:
+        return str(json.loads((path / VARIANT_NAME).read_text(encoding="utf-8"))["name"])
+    except FileNotFoundError:
+        return DEFAULT_VARIANT.name
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+
+
 def _check_out_dir(out: Path) -> None:
     """Refuse an ``out`` that exists and is neither an empty directory nor an earlier demo."""
     if not out.exists():
@@ -152,6 +174,7 @@ def _describe(
     sites: Sequence[scanner.SiteProtocol],
     call: str,
     sessions: bool,
+    variant: CohortVariant,
 ) -> None:
     from nidl_dino import __version__
 
@@ -171,6 +194,7 @@ def _describe(
     )
     site_levels = {
         s.name: f"{s.axcodes}, {'x'.join(f'{v:g}' for v in s.voxel_size_mm)} mm voxels, {s.dtype}"
+        + (f", contrast exponent {s.contrast:g}" if s.contrast != 1.0 else "")
         for s in sites
     }
     _write_json(
@@ -188,7 +212,11 @@ def _describe(
             "site": {"Description": "Acquisition site (protocol)", "Levels": site_levels},
         },
     )
-    _write_text(out / ".bidsignore", f"{MANIFEST_NAME}\n")
+    if variant == DEFAULT_VARIANT:
+        _write_text(out / ".bidsignore", f"{MANIFEST_NAME}\n")
+    else:
+        _write_json(out / VARIANT_NAME, variant.to_dict())
+        _write_text(out / ".bidsignore", f"{MANIFEST_NAME}\n{VARIANT_NAME}\n")
 
 
 def make_demo_dataset(
@@ -198,7 +226,8 @@ def make_demo_dataset(
     sessions: bool = False,
     n_bad: int = 2,
     *,
-    sites: Sequence[scanner.SiteProtocol] = scanner.DEFAULT_SITES,
+    variant: str | CohortVariant | None = None,
+    sites: Sequence[scanner.SiteProtocol] | None = None,
     bad_kinds: Sequence[str] = BAD_KINDS,
 ) -> pd.DataFrame:
     """Generate the synthetic T1w demo cohort as a BIDS dataset.
@@ -206,7 +235,8 @@ def make_demo_dataset(
     Writes ``dataset_description.json``, ``participants.tsv`` / ``.json``, one
     ``sub-<label>/[ses-<label>/]anat/sub-<label>[_ses-<label>]_T1w.nii.gz`` per scan,
     ``sub-<label>/sub-<label>_sessions.tsv`` with sessions, and ``demo_manifest.tsv`` (ground truth
-    per scan, listed in ``.bidsignore``). Same arguments, same bytes.
+    per scan, listed in ``.bidsignore``); a variant other than the default adds
+    ``demo_variant.json`` (its knobs, also in ``.bidsignore``). Same arguments, same bytes.
 
     Args:
         out_dir: Output directory; must be absent, empty, or an earlier demo (then replaced).
@@ -214,7 +244,9 @@ def make_demo_dataset(
         seed: Seed of every random draw.
         sessions: Two sessions per subject, 1-3 years apart, instead of one scan.
         n_bad: Number of subjects with a deliberately bad scan (their last session).
-        sites: Site protocols; subjects are spread evenly across them.
+        variant: A :class:`~nidl_dino.demo.variant.CohortVariant` or the name of a preset
+            (:data:`~nidl_dino.demo.variant.PRESETS`); None: ``"default"``, today's demo.
+        sites: Site protocols, replacing the variant's; subjects are spread evenly across them.
         bad_kinds: Kinds of bad scans, assigned in turn to the bad subjects (see
             :data:`BAD_KINDS`).
 
@@ -224,15 +256,19 @@ def make_demo_dataset(
         the first four columns are written to participants.tsv.
 
     Raises:
-        ValueError: If ``n_subjects``, ``n_bad``, ``sites`` or ``bad_kinds`` are invalid.
+        ValueError: If ``n_subjects``, ``n_bad``, ``variant``, ``sites`` or ``bad_kinds`` are
+            invalid.
         nidl_dino.errors.UserError: If ``out_dir`` exists and is neither empty nor a demo dataset.
     """
     if n_subjects < 1:
         raise ValueError(f"n_subjects must be >= 1, got {n_subjects}")
     if not 0 <= n_bad <= n_subjects:
         raise ValueError(f"n_bad must be between 0 and n_subjects ({n_subjects}), got {n_bad}")
-    if not sites or len({s.name for s in sites}) != len(sites):
-        raise ValueError("sites must be a non-empty sequence of protocols with distinct names")
+    variant = get_variant(variant)
+    if sites is not None:
+        if not sites or len({s.name for s in sites}) != len(sites):
+            raise ValueError("sites must be a non-empty sequence of protocols with distinct names")
+        variant = variant.replace(sites=tuple(sites))
     unknown = sorted(set(bad_kinds) - set(BAD_KINDS))
     if unknown or not bad_kinds:
         raise ValueError(f"bad_kinds must be a non-empty subset of {BAD_KINDS}, got {bad_kinds}")
@@ -246,7 +282,7 @@ def make_demo_dataset(
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     try:
-        cohort = _write_dataset(partial, n_subjects, seed, sessions, n_bad, sites, bad_kinds)
+        cohort = _write_dataset(partial, n_subjects, seed, sessions, n_bad, variant, bad_kinds)
         _move_into_place(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -260,15 +296,18 @@ def _write_dataset(
     seed: int,
     sessions: bool,
     n_bad: int,
-    sites: Sequence[scanner.SiteProtocol],
+    variant: CohortVariant,
     bad_kinds: Sequence[str],
 ) -> pd.DataFrame:
     """Write the whole dataset into ``out`` (an empty directory); return the cohort table."""
+    sites = variant.sites
+    # The default variant's call reads as it did before variants existed (same bytes).
+    named = "" if variant == DEFAULT_VARIANT else f", variant={variant.name!r}"
     call = (
         f"make_demo_dataset(n_subjects={n_subjects}, seed={seed}, sessions={sessions}, "
-        f"n_bad={n_bad}, sites={[s.name for s in sites]}, bad_kinds={list(bad_kinds)})"
+        f"n_bad={n_bad}, sites={[s.name for s in sites]}, bad_kinds={list(bad_kinds)}{named})"
     )
-    _describe(out, sites, call, sessions)
+    _describe(out, sites, call, sessions, variant)
     cohort = design_cohort(n_subjects, seed, sites, n_bad, bad_kinds)
     _write_tsv(out / "participants.tsv", cohort.loc[:, list(PARTICIPANT_COLUMNS)])
     site_of = {s.name: s for s in sites}
@@ -279,6 +318,9 @@ def _write_dataset(
         site = site_of[row.site]
         subject_rng = _rng(seed, _SUBJECT, i)
         anatomy = anat.draw_anatomy(subject_rng, row.sex)
+        if variant.lesion_count > 0:
+            lesions = anat.draw_lesions(_rng(seed, _LESIONS, i), variant)
+            anatomy = dataclasses.replace(anatomy, lesions=lesions)
         ages = [float(row.age)]
         if sessions:
             ages.append(round(ages[0] + subject_rng.uniform(*SESSION_GAP_YEARS), 1))
@@ -287,7 +329,9 @@ def _write_dataset(
             defect = row.bad_scan if k == len(ages) - 1 else ""
             rng = _rng(seed, _SCAN, i, k)
             records.append(
-                _write_scan(out, row.participant_id, session, site, anatomy, age, defect, rng)
+                _write_scan(
+                    out, row.participant_id, session, site, anatomy, age, defect, rng, variant
+                )
             )
         if sessions:
             _write_tsv(
@@ -313,22 +357,27 @@ def _write_scan(
     age: float,
     defect: str,
     rng: np.random.Generator,
+    variant: CohortVariant,
 ) -> dict:
-    """Simulate and write one scan (bad if ``defect`` names a kind); return its manifest row."""
-    acq = scanner.draw_acquisition(rng, site)
+    """Simulate and write one scan (bad if ``defect`` names a kind); return its manifest row.
+
+    The row has ``lesion_count`` and ``lesion_ml`` for variants with lesions and
+    ``wm_intensity`` for variants whose white matter changes with age (the default has neither).
+    """
+    acq = scanner.draw_acquisition(rng, site, variant)
     parts = [participant] + ([session] if session else [])
     rel = Path(*parts, "anat", "_".join(parts) + "_T1w.nii.gz")
-    maps = anat.tissue_maps(anatomy, age)
+    maps = anat.tissue_maps(anatomy, age, variant)
     good = None
     if defect in ("", "truncated"):
-        image = anat.template_intensity(anatomy, maps, age)
-        good = scanner.acquire(site, anatomy, acq, image, rng)
+        image = anat.template_intensity(anatomy, maps, age, variant)
+        good = scanner.acquire(site, anatomy, acq, image, rng, variant)
     data = _bad_image(defect, site, rng, good) if defect else scanner.nifti_gz_bytes(good)
     (out / rel).parent.mkdir(parents=True, exist_ok=True)
     (out / rel).write_bytes(data)
 
     scale = float(np.prod(anatomy.head_scale))
-    return {
+    row = {
         "participant_id": participant,
         "session_id": session,
         "path": rel.as_posix(),
@@ -341,7 +390,7 @@ def _write_scan(
         "gm_ml": maps.gm_ml * scale,
         "wm_ml": maps.wm_ml * scale,
         "csf_ml": maps.csf_ml * scale,
-        "gm_intensity": anat.gm_intensity(anatomy, age),
+        "gm_intensity": anat.gm_intensity(anatomy, age, variant),
         "head_scale_x": anatomy.head_scale[0],
         "head_scale_y": anatomy.head_scale[1],
         "head_scale_z": anatomy.head_scale[2],
@@ -354,3 +403,9 @@ def _write_scan(
         "shift_z_mm": acq.shift_mm[2],
         "gain": acq.gain,
     }
+    if variant.wm_intensity_gain != 0:
+        row["wm_intensity"] = anat.wm_intensity(age, variant)
+    if variant.lesion_count > 0:
+        row["lesion_count"] = maps.lesion_count
+        row["lesion_ml"] = maps.lesion_ml * scale
+    return row

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import gzip
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
 from nidl_dino.demo import anatomy as anat
+
+if TYPE_CHECKING:
+    from nidl_dino.demo.variant import CohortVariant
 
 # Pose: rotation angles about x, y, z ~ U(-ROTATION_MAX_DEG, +...), shifts ~ U(-SHIFT_MAX_MM, +...).
 ROTATION_MAX_DEG = 15.0
@@ -46,6 +50,9 @@ class SiteProtocol:
         offset: Constant added to stored intensities.
         noise: Rician noise sigma, as a fraction of white matter.
         bias: Standard deviation of the log bias field's polynomial coefficients.
+        contrast: Tissue-contrast exponent: the scan shows ``signal ** contrast`` (white matter,
+            1, stays 1; above 1 grey matter and CSF get darker, as with a more T1-weighted
+            sequence; below 1 brighter). 1 leaves the signal as it is.
     """
 
     name: str
@@ -56,6 +63,7 @@ class SiteProtocol:
     offset: float
     noise: float
     bias: float
+    contrast: float = 1.0
 
     def __post_init__(self) -> None:
         axes = sorted(_AXIS_OF_CODE[c][0] for c in self.axcodes if c in _AXIS_OF_CODE)
@@ -63,6 +71,8 @@ class SiteProtocol:
             raise ValueError(f"site {self.name}: axcodes {self.axcodes!r} must name x, y, z once")
         if self.dtype not in _DTYPES:
             raise ValueError(f"site {self.name}: dtype {self.dtype!r} not in {_DTYPES}")
+        if not self.contrast > 0:
+            raise ValueError(f"site {self.name}: contrast must be > 0, got {self.contrast}")
 
     def grid(self) -> tuple[tuple[int, int, int], np.ndarray]:
         """Array shape and voxel-to-world (mm) affine of this site's scans.
@@ -107,12 +117,19 @@ class Acquisition:
     bias_coef: tuple[float, ...]
 
 
-def draw_acquisition(rng: np.random.Generator, site: SiteProtocol) -> Acquisition:
-    """Draw one scan's pose, gain and bias field (in a fixed order from ``rng``)."""
+def draw_acquisition(
+    rng: np.random.Generator, site: SiteProtocol, variant: CohortVariant | None = None
+) -> Acquisition:
+    """Draw one scan's pose, gain and bias field (in a fixed order from ``rng``).
+
+    The bias coefficients have standard deviation ``site.bias * variant.bias_scale``; the same
+    draws happen whatever the scale, so a variant changes the field and nothing else.
+    """
+    variant = anat.variant_or_default(variant)
     rotation = rng.uniform(-ROTATION_MAX_DEG, ROTATION_MAX_DEG, 3)
     shift = rng.uniform(-SHIFT_MAX_MM, SHIFT_MAX_MM, 3)
     gain = np.exp(GAIN_LOG_SD * rng.standard_normal())
-    bias = site.bias * rng.standard_normal(9)
+    bias = site.bias * variant.bias_scale * rng.standard_normal(9)
     return Acquisition(
         rotation_deg=tuple(float(v) for v in rotation),
         shift_mm=tuple(float(v) for v in shift),
@@ -166,32 +183,46 @@ def acquire(
     acq: Acquisition,
     image: np.ndarray,
     rng: np.random.Generator,
+    variant: CohortVariant | None = None,
 ) -> nib.Nifti1Image:
     """Simulate one scan of a subject at a site.
 
     Args:
-        site: The site protocol (grid, orientation, datatype, intensity scale, noise, bias).
+        site: The site protocol (grid, orientation, datatype, intensity scale, noise, bias,
+            contrast).
         anatomy: The subject's latent anatomy (head scale, warp).
         acq: The scan's pose, gain and bias coefficients.
         image: The subject's template-space intensity image (white matter = 1).
         rng: Generator for the noise.
+        variant: The cohort variant (noise scale; without skull, the stored image is 0 outside
+            the subject's brain mask: the template mask through the same warp, scale and pose,
+            linearly interpolated, above 1/2). None: the default.
 
     Returns:
         The scan, with the site's datatype, qform and sform set (code 1, scanner).
     """
+    variant = anat.variant_or_default(variant)
     tpl = anat.load_template()
     shape, affine = site.grid()
     to_index = np.linalg.solve(tpl.affine, native_to_subject(site, anatomy, acq))
-    warped = anat.warped_intensity(anatomy, image)
-    signal = ndi.affine_transform(
-        warped, to_index[:3, :3], to_index[:3, 3], output_shape=shape, order=1, cval=0.0
-    )
+
+    def resample(template_image: np.ndarray) -> np.ndarray:
+        warped = anat.warped_intensity(anatomy, template_image)
+        return ndi.affine_transform(
+            warped, to_index[:3, :3], to_index[:3, 3], output_shape=shape, order=1, cval=0.0
+        )
+
+    signal = resample(image)
+    if site.contrast != 1.0:
+        signal = np.power(signal, np.float32(site.contrast))
     signal *= bias_field(shape, acq.bias_coef)
-    sigma = np.float32(site.noise)
+    sigma = np.float32(site.noise * variant.noise_scale)
     real = signal + sigma * rng.standard_normal(shape, dtype=np.float32)
     imag = sigma * rng.standard_normal(shape, dtype=np.float32)
     magnitude = np.sqrt(real * real + imag * imag)
     stored = np.float32(acq.gain * site.white_matter_value) * magnitude + np.float32(site.offset)
+    if not variant.skull:
+        stored = np.where(resample(tpl.brain) > 0.5, stored, np.float32(0.0))
     if site.dtype == "float32":
         # Values on a power-of-two grid (FLOAT_LEVELS per white matter) compress like integers.
         step = np.float32(2.0 ** np.floor(np.log2(site.white_matter_value / FLOAT_LEVELS)))
