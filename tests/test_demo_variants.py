@@ -410,7 +410,7 @@ def test_cli_variant_and_knob_flags(tmp_path, capsys):
 
 
 def test_config_route(tmp_path, monkeypatch):
-    schema = yaml.safe_load((REPO / "pipeline/schemas/config.schema.yaml").read_text())
+    schema = yaml.safe_load((REPO / "nidl_dino/config.schema.yaml").read_text())
     variant = schema["properties"]["demo"]["properties"]["variant"]
     assert variant["enum"] == list(PRESETS) and variant["default"] == "default"
     shipped = yaml.safe_load((REPO / "config.yaml").read_text())
