@@ -77,6 +77,15 @@ ID_COLUMNS: tuple[str, ...] = ("scan_id", "participant_id", "session_id", "path"
 
 _LABEL = r"[A-Za-z0-9]+"
 _LABEL_RE = re.compile(rf"{_LABEL}")
+
+
+def _bare_label(value: object, entity: str) -> str | None:
+    """``value`` as a BIDS label without its ``<entity>-`` prefix (optional); None if not one."""
+    label = str(value).strip()
+    label = label[len(entity) + 1 :] if label.startswith(f"{entity}-") else label
+    return label if _LABEL_RE.fullmatch(label) else None
+
+
 _NAME_RE = re.compile(
     rf"sub-(?P<sub>{_LABEL})(?:_ses-(?P<ses>{_LABEL}))?"
     rf"(?P<entities>(?:_{_LABEL}-{_LABEL})*)_(?P<suffix>{_LABEL})"
@@ -175,9 +184,8 @@ def _parse_labels(value: Any, key: str, prefix: str) -> _Labels:
         if isinstance(item, int) and not isinstance(item, bool):
             numbers.add(item)
             continue
-        label = str(item).strip()
-        label = label[len(prefix) + 1 :] if label.startswith(f"{prefix}-") else label
-        if not _LABEL_RE.fullmatch(label):
+        label = _bare_label(item, prefix)
+        if label is None:
             raise UserError(
                 f"inputs.{key}: {_q(item)} is neither a {prefix} label (letters and digits, "
                 f"'{prefix}-' optional) nor an existing file of labels: fix the entry"
@@ -298,13 +306,12 @@ def resolve_inputs_config(cfg: Mapping[str, Any]) -> InputsConfig:
             if _is_unset(item):
                 parsed.append(None)
                 continue
-            item = str(item).strip()
-            item = item[len(key) + 1 :] if item.startswith(f"{key}-") else item
-            if not _LABEL_RE.fullmatch(item):
+            label = _bare_label(item, key)
+            if label is None:
                 raise UserError(
                     f"inputs.filters.{key}: {_q(item)} is not a BIDS label: fix the entry"
                 )
-            parsed.append(item)
+            parsed.append(label)
         parsed_filters[key] = tuple(parsed)
 
     run_policy = str(values["run_policy"]).strip()

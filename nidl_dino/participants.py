@@ -234,6 +234,18 @@ def _normalise_ids(frame: pd.DataFrame, column: str, path: Path, what: str) -> p
     return frame
 
 
+def _read_id_table(path: Path, what: str, column: str, unit: str) -> pd.DataFrame:
+    """A BIDS TSV keyed by ``column`` (ids normalised), refused when an id is listed twice."""
+    frame = _normalise_ids(read_bids_tsv(path, what=what), column, path, what)
+    duplicated = frame[column][frame[column].duplicated()].unique()
+    if len(duplicated):
+        raise UserError(
+            f"{what} {_quote(path)} lists {column} {_preview(sorted(duplicated))} more than once: "
+            f"keep one row per {unit}"
+        )
+    return frame
+
+
 def read_participants(path: str | Path, required_ids: Iterable[str] | None = None) -> pd.DataFrame:
     """Read a BIDS ``participants.tsv``.
 
@@ -256,14 +268,7 @@ def read_participants(path: str | Path, required_ids: Iterable[str] | None = Non
     """
     path = Path(path)
     what = "participants file"
-    frame = read_bids_tsv(path, what=what)
-    frame = _normalise_ids(frame, "participant_id", path, what)
-    duplicated = frame["participant_id"][frame["participant_id"].duplicated()].unique()
-    if len(duplicated):
-        raise UserError(
-            f"{what} {_quote(path)} lists participant_id {_preview(sorted(duplicated))} more than once: "
-            "keep one row per participant"
-        )
+    frame = _read_id_table(path, what, "participant_id", "participant")
     if required_ids is not None:
         missing = sorted(
             set(map(normalise_participant_id, required_ids)) - set(frame["participant_id"])
@@ -297,15 +302,7 @@ def read_sessions(bids_dir: str | Path, participant_ids: Iterable[str]) -> pd.Da
         path = Path(bids_dir) / participant_id / f"{participant_id}_sessions.tsv"
         if not path.is_file():
             continue
-        what = "sessions file"
-        frame = read_bids_tsv(path, what=what)
-        frame = _normalise_ids(frame, "session_id", path, what)
-        duplicated = frame["session_id"][frame["session_id"].duplicated()].unique()
-        if len(duplicated):
-            raise UserError(
-                f"{what} {_quote(path)} lists session_id {_preview(sorted(duplicated))} more than once: "
-                "keep one row per session"
-            )
+        frame = _read_id_table(path, "sessions file", "session_id", "session")
         frame = frame.drop(columns=["participant_id"], errors="ignore")
         frame.insert(0, "participant_id", participant_id)
         frames.append(frame)
