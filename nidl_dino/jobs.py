@@ -92,10 +92,12 @@ def preprocess_or_exclude(
         return record
 
 
-#: Each scan's signature file (:attr:`nidl_dino.layout.ScanFiles.signature`) says which input
-#: and configuration its files were made from; a batch job skips a scan whose signature matches.
 def input_signature(path: str | os.PathLike, config: dict | None) -> dict:
-    """What a scan's preprocessed folder depends on: the input file and the config section."""
+    """What a scan's preprocessed files depend on: the input file and the config section.
+
+    Written beside them once they are made (:attr:`nidl_dino.layout.ScanFiles.signature`); a
+    batch job skips a scan whose signature matches and whose files are there.
+    """
     import hashlib
     import json
     import os
@@ -155,9 +157,10 @@ def preprocess_batch(
     The parent process imports the preprocessing code and builds the template grids, then forks
     one child per scan (at most ``workers`` at a time): a child inherits everything already
     loaded, preprocesses its scan into its files (:meth:`nidl_dino.layout.Layout.scan`:
-    ``sub-<label>/[ses-<label>/]anat/<source>_...`` below ``output_dir``) and exits. A bad scan is an exclusion (:func:`preprocess_or_exclude`), and a child that dies (a
-    crash in a library, the kernel's out-of-memory killer) only loses its own scan, recorded as
-    excluded with the signal. A scan whose files are all there with a signature matching its
+    ``sub-<label>/[ses-<label>/]anat/<source>_...`` below ``output_dir``) and exits. A bad scan
+    is an exclusion (:func:`preprocess_or_exclude`), and a child that dies (a crash in a
+    library, the kernel's out-of-memory killer) only loses its own scan, recorded as excluded
+    with the signal. A scan whose files are all there with a signature matching its
     input file and the configuration is skipped, so a re-run (a killed job, a batch that gained
     a new scan) redoes only what is missing.
 
@@ -171,6 +174,9 @@ def preprocess_batch(
 
     Returns:
         One row per scan: ``scan_id``, ``status``, ``reason``, ``skipped`` (already done).
+
+    Raises:
+        ValueError: a layout of another grid spacing than the configuration's.
     """
     import json
 
@@ -180,10 +186,10 @@ def preprocess_batch(
     from nidl_dino.preprocessing.template import brain_volume_ml_1mm, template_1mm, template_at
 
     cfg = merge_config(config)
+    spacing = float(cfg["resample"]["spacing_mm"])
     template_1mm()
     brain_volume_ml_1mm()
-    template_at(float(cfg["resample"]["spacing_mm"]))
-    spacing = float(cfg["resample"]["spacing_mm"])
+    template_at(spacing)
     if not isinstance(layout, Layout):
         layout = Layout(layout, spacing)
     if layout.spacing_mm != spacing:  # the files would be named after another grid
