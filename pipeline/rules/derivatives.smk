@@ -17,6 +17,7 @@ rule dataset_description:
     params:
         bids_dir=config.get("bids_dir") or "",
         generated_by=generated_by(workflow.basedir),
+        layout=LAYOUT.params([]),
     script:
         "../scripts/dataset_description.py"
 
