@@ -23,6 +23,7 @@ from nidl_dino.derivatives import generated_by
 from nidl_dino.distributed import train_job_resources
 from nidl_dino.errors import UserError
 from nidl_dino.inputs import scan_id_wildcard_constraint
+from nidl_dino.layout import Layout, scan_sources
 from nidl_dino.model import resolve_model
 from nidl_dino.settings import SCHEMA_PATH
 from nidl_dino.workflow import (
@@ -46,10 +47,12 @@ try:
     # model.teacher (apply a trained model: checked against this run's preprocessing now) or
     # model.train_on (the training scans); a cluster job trusts the main process's check
     MODEL = resolve_model(config, SCANS, check=not workflow.remote_exec)
+    # every path below output_dir (nidl_dino/layout.py); preprocessed files are named after
+    # each scan's BIDS entities (its source name)
+    LAYOUT = Layout.from_config(config, scan_sources(SCANS))
 except UserError as err:
     fail(str(err))
 
-OUT = config["output_dir"]
 SCAN_IDS = list(SCANS["scan_id"])
 SCAN_PATHS = dict(zip(SCANS["scan_id"], SCANS["path"]))
 # built once: per-job lookups stay O(1), so the DAG grows linearly with the cohort
@@ -62,7 +65,7 @@ SCAN_IDS_OF = {
 
 # With model.teacher, features come from that file and nothing is trained (no train rule).
 TRAIN_HERE = MODEL["teacher"] is None
-TEACHER = f"{OUT}/model/teacher.pt" if TRAIN_HERE else MODEL["teacher"]
+TEACHER = LAYOUT.teacher if TRAIN_HERE else MODEL["teacher"]
 
 # Preprocessing runs in batches of scans (one job each, see pipeline/rules/preprocess.smk).
 BATCHES = preprocess_batches(
@@ -97,12 +100,12 @@ include: "pipeline/rules/derivatives.smk"
 rule all:
     default_target: True
     input:
-        f"{OUT}/dataset_description.json",
-        f"{OUT}/qc/qc.tsv",
+        LAYOUT.dataset_description,
+        LAYOUT.qc_tsv,
         TEACHER,
-        f"{OUT}/model/training_curves.png" if TRAIN_HERE else [],
-        f"{OUT}/model/model_card.json",
-        f"{OUT}/features/cohort.tsv",
-        f"{OUT}/features/cohort.parquet",
-        f"{OUT}/probes/scores.tsv",
-        f"{OUT}/report/report.html",
+        LAYOUT.training_curves if TRAIN_HERE else [],
+        LAYOUT.model_card_json,
+        LAYOUT.cohort_tsv,
+        LAYOUT.cohort_parquet,
+        LAYOUT.probe_scores,
+        LAYOUT.report_html,

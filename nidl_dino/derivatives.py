@@ -4,8 +4,10 @@ BIDS 1.10, "Derivatives": a derivatives dataset has a ``dataset_description.json
 and ``BIDSVersion`` (required), ``DatasetType: "derivative"``, ``GeneratedBy`` (required for
 derivatives: a list of objects, each with a ``Name`` and optionally ``Version``,
 ``CodeURL``...) and ``SourceDatasets`` (recommended: objects with ``URL``, ``DOI``,
-``Version``). Our own folders, which hold no BIDS-named files (qc, features, model, probes,
-report, logs, caches, the per-batch tables), are listed in ``.bidsignore``.
+``Version``). The preprocessed files carry BIDS-derivatives names (:mod:`nidl_dino.layout`);
+our own folders, which hold no BIDS-named files (qc, features, model, probes, report, logs,
+caches, the per-batch tables), and the files beside the preprocessed ones that are not BIDS
+files are listed in ``.bidsignore`` (:data:`nidl_dino.layout.BIDSIGNORE`).
 """
 
 from __future__ import annotations
@@ -17,25 +19,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from nidl_dino import layout
 from nidl_dino.atomic import write_text_atomic
 
 #: BIDS version the description declares.
 BIDS_VERSION = "1.10.0"
-#: Folders of output_dir that a BIDS validator should not look into.
-BIDSIGNORE = (
-    "qc/",
-    "features/",
-    "model/",
-    "probes/",
-    "report/",
-    "logs/",
-    "preproc/batches/",
-    "**/*_qc.json",
-    "**/*_qc.png",
-    "**/.nidl-dino-done.json",
-    ".cache/",
-    ".snakemake/",
-)
+#: What a BIDS validator should not look into (the layout's list).
+BIDSIGNORE = layout.BIDSIGNORE
 
 
 def git_commit(folder: str | os.PathLike) -> str | None:
@@ -120,14 +110,15 @@ def write_derivatives_files(
     description_path: str | os.PathLike | None = None,
     bidsignore_path: str | os.PathLike | None = None,
 ) -> None:
-    """Write ``dataset_description.json`` and ``.bidsignore`` (atomically)."""
-    out = Path(output_dir)
+    """Write ``dataset_description.json`` and ``.bidsignore`` (atomically), by default where
+    the layout of ``output_dir`` puts them."""
+    out = layout.Layout(output_dir)
     targets = (
         (
-            Path(description_path or out / "dataset_description.json"),
+            Path(description_path or out.dataset_description),
             json.dumps(description, indent=2) + "\n",
         ),
-        (Path(bidsignore_path or out / ".bidsignore"), "\n".join(BIDSIGNORE) + "\n"),
+        (Path(bidsignore_path or out.bidsignore), "\n".join(BIDSIGNORE) + "\n"),
     )
     for path, text in targets:
         write_text_atomic(path, text)

@@ -26,14 +26,12 @@ from torch import nn
 
 from nidl_dino.cohort import feature_columns, read_manifest_tables
 from nidl_dino.errors import UserError
+from nidl_dino.layout import EXTRACTION_STATE, Layout, baseline_table_name, feature_table_name
 from nidl_dino.settings import with_defaults
 from nidl_dino.tables import write_table_atomic
 from nidl_dino.teacher import load_teacher, random_encoder_like
 
 log = logging.getLogger(__name__)
-
-#: Undeclared copy of the extraction manifest, beside it: what is already extracted, and how.
-EXTRACTION_STATE = ".extracted.tsv"
 
 
 def extract_features(
@@ -194,7 +192,8 @@ def write_subject_tables(
     """One TSV per scan: ``participant_id``, ``session_id``, ``model_id``, ``scan_id``, features.
 
     ``scans`` rows are aligned with ``features`` rows and hold ``scan_id``, ``participant_id``
-    and ``session_id``. Files are named ``<scan_id>.tsv`` and written atomically.
+    and ``session_id``. Files are named ``<scan_id>.tsv`` (:mod:`nidl_dino.layout`) and
+    written atomically.
     """
     if len(scans) != len(features):
         raise ValueError(f"{len(scans)} scans but {len(features)} feature rows")
@@ -208,7 +207,7 @@ def write_subject_tables(
         table.insert(0, "model_id", model_id)
         table.insert(0, "session_id", "" if pd.isna(row.session_id) else row.session_id)
         table.insert(0, "participant_id", row.participant_id)
-        path = out_dir / f"{row.scan_id}.tsv"
+        path = out_dir / feature_table_name(row.scan_id)
         write_table_atomic(table, path)
         written.append(path)
     return written
@@ -217,7 +216,7 @@ def write_subject_tables(
 def extract_cohort(
     teacher_path: str | os.PathLike,
     qc: pd.DataFrame,
-    preproc_dir: str | os.PathLike,
+    layout: Layout,
     manifest_path: str | os.PathLike,
     config: Mapping[str, Any],
     baselines_dir: str | os.PathLike | None = None,
@@ -239,7 +238,7 @@ def extract_cohort(
     Args:
         teacher_path: file written by :func:`save_teacher`.
         qc: the QC table (scan_id, participant_id, session_id, status, ...).
-        preproc_dir: the workflow's preprocessing folder.
+        layout: where the preprocessed volumes are (:meth:`nidl_dino.layout.Layout.scan`).
         manifest_path: the manifest to write.
         config: the run's config, or the part of it that extraction reads (same shape as
             config.yaml, missing keys take the schema's defaults): ``extract`` (batch_size,
@@ -255,7 +254,7 @@ def extract_cohort(
     """
     from nidl_dino.data import resolve_num_workers
     from nidl_dino.readout import feature_encoder
-    from nidl_dino.tables import ok_scans, preprocessed_volume
+    from nidl_dino.tables import ok_scans
 
     out_dir = Path(manifest_path).parent
     # Snakemake deletes a job's declared outputs before it runs: what earlier runs extracted is
@@ -273,14 +272,15 @@ def extract_cohort(
     pooling = str(extract["pooling"])
     precision = str(extract["precision"])
     # A scan's table is kept when the same model, readout and precision made it from the same
-    # preprocessing (its folder's signature): a grown study extracts only its new scans.
-    signatures = [preprocessing_signature(preproc_dir, s) for s in scans["scan_id"]]
+    # preprocessing (its signature file): a grown study extracts only its new scans.
+    files = [layout.scan(s) for s in scans["scan_id"]]
+    signatures = [preprocessing_signature(f.signature) for f in files]
     keys = [(info["model_id"], pooling, precision, sig) for sig in signatures]
     done = _extraction_keys(state_path)
     todo = [
         i
         for i, (scan, key) in enumerate(zip(scans["scan_id"], keys, strict=True))
-        if not key[3] or done.get(scan) != key or not (out_dir / f"{scan}.tsv").is_file()
+        if not key[3] or done.get(scan) != key or not (out_dir / feature_table_name(scan)).is_file()
     ]
     log.info(
         "features: %d scan(s) to write, %d unchanged (same model, readout and preprocessing)",
@@ -304,7 +304,7 @@ def extract_cohort(
         raise UserError(f"extract.{err}") from None
     sets = extract_feature_sets(
         encoders,
-        [str(preprocessed_volume(preproc_dir, s)) for s in scans["scan_id"]],
+        [str(f.volume) for f in files],
         batch_size=int(extract["batch_size"]),
         num_workers=num_workers,
         accelerator=accelerator,
@@ -322,19 +322,19 @@ def extract_cohort(
         from nidl_dino.baselines import write_baseline_table
 
         write_baseline_table(
-            Path(baselines_dir) / "random_encoder.parquet",
+            Path(baselines_dir) / baseline_table_name("random_encoder"),
             scans,
             sets["random_encoder"],
             {"encoder_seed": encoder_seed, "pooling": pooling, "teacher": info["model_id"]},
         )
         write_baseline_table(
-            Path(baselines_dir) / "intensities.parquet",
+            Path(baselines_dir) / baseline_table_name("intensities"),
             scans,
             sets["intensities"],
             {"downsample": downsample},
         )
         write_baseline_table(
-            Path(baselines_dir) / "brain_histogram.parquet",
+            Path(baselines_dir) / baseline_table_name("brain_histogram"),
             scans,
             sets["brain_histogram"],
             {"bins": HISTOGRAM_BINS, "range": [0.0, 1.0], "region": "template brain"},
@@ -343,7 +343,7 @@ def extract_cohort(
     # only the new or changed scans' tables are written: the others stay byte-identical
     write_subject_tables(features[todo], new, out_dir, info["model_id"])
     manifest = scans[["scan_id", "participant_id", "session_id"]].copy()
-    manifest["table"] = [f"{s}.tsv" for s in scans["scan_id"]]
+    manifest["table"] = [feature_table_name(s) for s in scans["scan_id"]]
     manifest["model_id"] = info["model_id"]
     manifest["pooling"] = pooling
     manifest["precision"] = precision
@@ -355,12 +355,11 @@ def extract_cohort(
     return manifest
 
 
-def preprocessing_signature(preproc_dir: str | os.PathLike, scan_id: str) -> str:
-    """Hash of a scan's preprocessing signature (input file and configuration); '' if none."""
-    from nidl_dino.jobs import SIGNATURE_FILE
-
+def preprocessing_signature(path: str | os.PathLike) -> str:
+    """Hash of a scan's preprocessing signature file (:attr:`nidl_dino.layout.ScanFiles.signature`:
+    its input file and configuration); '' if there is none."""
     try:
-        text = (Path(preproc_dir) / scan_id / SIGNATURE_FILE).read_bytes()
+        text = Path(path).read_bytes()
     except OSError:
         return ""
     return hashlib.sha256(text).hexdigest()[:16]

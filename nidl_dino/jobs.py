@@ -14,6 +14,7 @@ from typing import Any
 
 from nidl_dino.atomic import write_text_atomic
 from nidl_dino.errors import UserError
+from nidl_dino.layout import Layout, ScanFiles, preprocess_log_in
 
 
 @contextlib.contextmanager
@@ -57,6 +58,9 @@ def preprocess_or_exclude(
 ) -> dict:
     """Preprocess one scan; whatever goes wrong, leave a QC record instead of a failed job.
 
+    The files go to ``out_dir``, named after ``prefix`` (the scan's ``<source>``); the record's
+    ``scan_id`` is ``ids["scan_id"]``, or ``prefix`` when not given.
+
     :func:`nidl_dino.preprocessing.preprocess_scan` already turns every kind of bad input into
     an ``excluded`` record. This guard covers the rest (a library crash on a strange file): the
     scan is excluded with the error as its reason, the traceback goes to the job's log, and the
@@ -65,9 +69,10 @@ def preprocess_or_exclude(
     import json
     from pathlib import Path
 
-    from nidl_dino.preprocessing import preprocess_scan
+    from nidl_dino.preprocessing import output_paths, preprocess_scan
 
-    ids = {**(ids or {}), "scan_id": prefix}
+    ids = {**(ids or {})}
+    ids.setdefault("scan_id", prefix)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     try:
         return preprocess_scan(in_file, out_dir, prefix, config=config, ids=ids)
@@ -82,18 +87,17 @@ def preprocess_or_exclude(
             "status": "excluded",
             "reason": reason[:300],
         }
-        path = Path(out_dir) / f"{prefix}_qc.json"
+        path = output_paths(out_dir, prefix, config)["qc_json"]
         write_text_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
         return record
 
 
-#: Name of the file, in a scan's preprocessing folder, that says which input and configuration
-#: the folder was made from; a batch job skips a scan whose signature matches.
-SIGNATURE_FILE = ".nidl-dino-done.json"
-
-
 def input_signature(path: str | os.PathLike, config: dict | None) -> dict:
-    """What a scan's preprocessed folder depends on: the input file and the config section."""
+    """What a scan's preprocessed files depend on: the input file and the config section.
+
+    Written beside them once they are made (:attr:`nidl_dino.layout.ScanFiles.signature`); a
+    batch job skips a scan whose signature matches and whose files are there.
+    """
     import hashlib
     import json
     import os
@@ -108,17 +112,24 @@ def input_signature(path: str | os.PathLike, config: dict | None) -> dict:
     }
 
 
-def _is_done(folder: Path, signature: dict) -> bool:
+def _done_record(files: ScanFiles, signature: dict) -> dict | None:
+    """The QC record of a scan whose files match ``signature`` and are all there, else None."""
     import json
 
-    marker = folder / SIGNATURE_FILE
     try:
-        return json.loads(marker.read_text()) == signature
+        if json.loads(files.signature.read_text()) != signature:
+            return None
+        record = json.loads(files.qc_json.read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    if record.get("status") == "ok" and not all(
+        path.is_file() for path in (files.volume, files.mask, files.transform)
+    ):
+        return None
+    return record
 
 
-def _crash_record(scan: dict, out_dir: Path, reason: str) -> dict:
+def _crash_record(scan: dict, files: ScanFiles, reason: str) -> dict:
     import json
 
     record = {
@@ -129,15 +140,14 @@ def _crash_record(scan: dict, out_dir: Path, reason: str) -> dict:
         "status": "excluded",
         "reason": reason,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{scan['scan_id']}_qc.json"
-    write_text_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
+    files.folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(files.qc_json, json.dumps(record, indent=2, default=str) + "\n")
     return record
 
 
 def preprocess_batch(
     scans: list[dict],
-    preproc_dir: str | os.PathLike,
+    layout: Layout | str | os.PathLike,
     config: dict | None,
     workers: int = 1,
     log_dir: str | os.PathLike | None = None,
@@ -146,42 +156,50 @@ def preprocess_batch(
 
     The parent process imports the preprocessing code and builds the template grids, then forks
     one child per scan (at most ``workers`` at a time): a child inherits everything already
-    loaded, preprocesses its scan into ``<preproc_dir>/<scan_id>/`` and exits. A bad scan is an
-    exclusion (:func:`preprocess_or_exclude`), and a child that dies (a crash in a library, the
-    kernel's out-of-memory killer) only loses its own scan, recorded as excluded with the
-    signal. A scan whose folder already holds a signature matching its input file and the
-    configuration is skipped, so a re-run (a killed job, a batch that gained a new scan) redoes
-    only what is missing.
+    loaded, preprocesses its scan into its files (:meth:`nidl_dino.layout.Layout.scan`:
+    ``sub-<label>/[ses-<label>/]anat/<source>_...`` below ``output_dir``) and exits. A bad scan
+    is an exclusion (:func:`preprocess_or_exclude`), and a child that dies (a crash in a
+    library, the kernel's out-of-memory killer) only loses its own scan, recorded as excluded
+    with the signal. A scan whose files are all there with a signature matching its
+    input file and the configuration is skipped, so a re-run (a killed job, a batch that gained
+    a new scan) redoes only what is missing.
 
     Args:
         scans: one mapping per scan: ``scan_id``, ``path``, ``participant_id``, ``session_id``.
-        preproc_dir: the workflow's preprocessing folder.
+        layout: where the files go, with the scans' source names; its grid spacing is the
+            configuration's. A folder: the layout of that ``output_dir``, without source names.
         config: the ``preprocessing:`` section.
         workers: scans preprocessed at the same time (one process each).
         log_dir: a ``<scan_id>.log`` per scan goes here (the scan's warnings and tracebacks).
 
     Returns:
         One row per scan: ``scan_id``, ``status``, ``reason``, ``skipped`` (already done).
+
+    Raises:
+        ValueError: a layout of another grid spacing than the configuration's.
     """
     import json
 
-    preproc_dir = Path(preproc_dir)
     log = logging.getLogger("nidl_dino.preprocess")
     # Paid once for the whole batch, before any fork: the heavy imports and the template grids.
     from nidl_dino.preprocessing import merge_config
     from nidl_dino.preprocessing.template import brain_volume_ml_1mm, template_1mm, template_at
 
     cfg = merge_config(config)
+    spacing = float(cfg["resample"]["spacing_mm"])
     template_1mm()
     brain_volume_ml_1mm()
-    template_at(float(cfg["resample"]["spacing_mm"]))
+    template_at(spacing)
+    if not isinstance(layout, Layout):
+        layout = Layout(layout, spacing)
+    if layout.spacing_mm != spacing:  # the files would be named after another grid
+        raise ValueError(f"layout of a {layout.spacing_mm} mm grid for a {spacing} mm grid")
 
     todo, results = [], {}
     for scan in scans:
-        folder = preproc_dir / scan["scan_id"]
         signature = input_signature(scan["path"], config)
-        if _is_done(folder, signature):
-            record = json.loads((folder / f"{scan['scan_id']}_qc.json").read_text())
+        record = _done_record(layout.scan(scan["scan_id"]), signature)
+        if record is not None:
             results[scan["scan_id"]] = {
                 "status": record["status"],
                 "reason": record["reason"],
@@ -205,19 +223,21 @@ def preprocess_batch(
         if pid == 0:
             return
         scan, signature = running.pop(pid)
-        folder = preproc_dir / scan["scan_id"]
+        files = layout.scan(scan["scan_id"])
         code = os.waitstatus_to_exitcode(status)
         if code != 0:
             why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+            # no signature is written: the next run of its batch job tries the scan again
             record = _crash_record(
                 scan,
-                folder,
-                f"preprocessing crashed ({why}); delete {folder} and re-run to retry",
+                files,
+                f"preprocessing crashed ({why}); re-run its batch to retry "
+                "(snakemake --forcerun preprocess)",
             )
             log.error("%s: preprocessing crashed (%s)", scan["scan_id"], why)
         else:
-            record = json.loads((folder / f"{scan['scan_id']}_qc.json").read_text())
-            (folder / SIGNATURE_FILE).write_text(json.dumps(signature) + "\n")
+            record = json.loads(files.qc_json.read_text())
+            write_text_atomic(files.signature, json.dumps(signature) + "\n")
         results[scan["scan_id"]] = {
             "status": record["status"],
             "reason": record["reason"],
@@ -234,7 +254,7 @@ def preprocess_batch(
             if pid == 0:  # the child: one scan, then exit without running the parent's cleanup
                 code = 0
                 try:
-                    _preprocess_child(scan, preproc_dir, config, log_dir)
+                    _preprocess_child(scan, layout.scan(scan["scan_id"]), config, log_dir)
                 except BaseException:  # noqa: BLE001 - a child never returns into the parent's code
                     traceback.print_exc()
                     code = 1
@@ -245,13 +265,13 @@ def preprocess_batch(
     return [{"scan_id": s["scan_id"], **results[s["scan_id"]]} for s in scans]
 
 
-def _preprocess_child(scan: dict, preproc_dir: Path, config: dict | None, log_dir: Any) -> None:
+def _preprocess_child(scan: dict, files: ScanFiles, config: dict | None, log_dir: Any) -> None:
     handlers: list[logging.Handler] = []
     if log_dir is not None:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         handlers.append(
             logging.FileHandler(
-                Path(log_dir) / f"{scan['scan_id']}.log", mode="w", encoding="utf-8"
+                preprocess_log_in(log_dir, scan["scan_id"]), mode="w", encoding="utf-8"
             )
         )
     logging.basicConfig(
@@ -262,8 +282,12 @@ def _preprocess_child(scan: dict, preproc_dir: Path, config: dict | None, log_di
     )
     preprocess_or_exclude(
         scan["path"],
-        str(Path(preproc_dir) / scan["scan_id"]),
-        prefix=scan["scan_id"],
+        str(files.folder),
+        prefix=files.source,
         config=config,
-        ids={"participant_id": scan.get("participant_id"), "session_id": scan.get("session_id")},
+        ids={
+            "participant_id": scan.get("participant_id"),
+            "session_id": scan.get("session_id"),
+            "scan_id": scan["scan_id"],
+        },
     )

@@ -28,11 +28,12 @@ from typing import Any
 
 from nidl_dino.atomic import write_text_atomic
 from nidl_dino.errors import UserError
+from nidl_dino.layout import SPACE, Layout, card_beside
 
 #: Format of the model card JSON.
 CARD_FORMAT = "nidl-dino-model-card/1"
 #: The template our registration targets: nilearn's MNI152 (ICBM 2009a, nonlinear, symmetric).
-TEMPLATE = "MNI152NLin2009aSym"
+TEMPLATE = SPACE
 #: Packages whose versions the card records.
 CARD_PACKAGES = (
     "nidl-dino",
@@ -362,7 +363,7 @@ def load_card(path: str | os.PathLike) -> dict[str, Any]:
         if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
             raise UserError(f"{path} is not a nidl-dino model card: give a model_card.json")
         return card
-    beside = path.with_name("model_card.json")
+    beside = card_beside(path)
     if path.is_file() and beside.is_file():
         card = load_card(beside)
         if card.get("file_sha256") == file_sha256(path):
@@ -486,15 +487,19 @@ def resolve_model(config: Mapping[str, Any], scans: Any, check: bool = True) -> 
     return {"teacher": None, "train_scans": selected}
 
 
-def training_scan_volumes(qc: Any, preproc_dir: Any, train_scans: Sequence[str] | None):
-    """Preprocessed volumes of the scans that passed QC, limited to ``train_scans`` if given."""
-    from nidl_dino.tables import ok_scans, preprocessed_volume
+def training_scan_volumes(qc: Any, layout: Layout, train_scans: Sequence[str] | None):
+    """Preprocessed volumes of the scans that passed QC, limited to ``train_scans`` if given.
+
+    Returns:
+        The volumes (paths of ``layout``) and their scan ids, in QC-table order.
+    """
+    from nidl_dino.tables import ok_scans
 
     ok = ok_scans(qc)
     if train_scans is not None:
         ok = ok[ok["scan_id"].isin(set(train_scans))]
     ids = list(ok["scan_id"])
-    return [str(preprocessed_volume(preproc_dir, s)) for s in ids], ids
+    return [str(layout.scan(s).volume) for s in ids], ids
 
 
 # ----------------------------------------------------------------------------- command line

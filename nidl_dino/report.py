@@ -18,16 +18,18 @@ loss; a tile costs about 20 kB of the page (base64 included).
 Inputs other than the QC table are optional: a missing one (``None`` or a file that does not
 exist, e.g. no probe table when probes are off) becomes a note in its section.
 
-Example:
+Example (paths of a run's layout, :mod:`nidl_dino.layout`):
+    >>> from nidl_dino.layout import Layout
+    >>> layout = Layout("results")
     >>> write_report(
-    ...     "results/report.html",
-    ...     qc_tsv="results/qc/qc.tsv",
-    ...     qc_pngs={"sub-01": "results/preproc/sub-01/sub-01_qc.png"},
-    ...     curves_png="results/model/training_curves.png",
-    ...     probe_scores_tsv="results/probes/probe_scores.tsv",
-    ...     predictions_tsv="results/probes/predictions.tsv",
-    ...     cohort_parquet="results/features/cohort.parquet",
-    ... )
+    ...     layout.report_html,
+    ...     qc_tsv=layout.qc_tsv,
+    ...     qc_pngs={"sub-01": layout.scan("sub-01").qc_png},
+    ...     curves_png=layout.training_curves,
+    ...     probe_scores_tsv=layout.probe_scores,
+    ...     predictions_tsv=layout.probe_predictions,
+    ...     cohort_parquet=layout.cohort_parquet,
+    ... )  # doctest: +SKIP
 """
 
 from __future__ import annotations

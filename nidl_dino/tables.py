@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from nidl_dino.atomic import atomic_path
+from nidl_dino.layout import Layout
 
 #: Leading columns of qc/qc.tsv, in this order (INTERFACE.md).
 QC_LEADING_COLUMNS = ["participant_id", "session_id", "status", "reason"]
@@ -77,16 +78,11 @@ def read_qc_table(path: str | os.PathLike) -> pd.DataFrame:
     return table
 
 
-def preprocessed_volume(preproc_dir: str | os.PathLike, scan_id: str) -> Path:
-    """Path of a scan's preprocessed volume in the workflow's layout."""
-    return Path(preproc_dir) / scan_id / f"{scan_id}_desc-preproc_T1w.nii.gz"
-
-
 def ok_scans(qc: pd.DataFrame) -> pd.DataFrame:
     """Rows of the QC table whose status is ``ok``, in table order."""
     return qc[qc["status"] == "ok"].reset_index(drop=True)
 
 
-def ok_volumes(qc: pd.DataFrame, preproc_dir: str | os.PathLike) -> list[str]:
+def ok_volumes(qc: pd.DataFrame, layout: Layout) -> list[str]:
     """Preprocessed volumes of the scans that passed QC, in QC-table order."""
-    return [str(preprocessed_volume(preproc_dir, s)) for s in ok_scans(qc)["scan_id"]]
+    return [str(layout.scan(s).volume) for s in ok_scans(qc)["scan_id"]]

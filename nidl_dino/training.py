@@ -31,6 +31,7 @@ from nidl_dino.distributed import RankRecord, n_devices
 from nidl_dino.encoders import build_encoder
 from nidl_dino.errors import UserError
 from nidl_dino.estimator import DINO
+from nidl_dino.layout import source_of_volume
 from nidl_dino.progress import EpochProgress, quiet_lightning
 from nidl_dino.settings import with_defaults
 from nidl_dino.teacher import save_teacher
@@ -114,6 +115,7 @@ def train_from_config(
     val_paths: Sequence[str] | None = None,
     threads: int | None = None,
     memory_mb: float | None = None,
+    scan_ids: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train DINO on ``volume_paths`` and save the teacher to ``teacher_path``.
 
@@ -130,6 +132,8 @@ def train_from_config(
             CPUs this process may run on).
         memory_mb: the job's memory, which decides ``data.cache: auto`` (None: the cgroup
             limit or the machine's memory).
+        scan_ids: the scan ids of ``volume_paths``, which the model card counts and hashes
+            (None: the ``<source>`` of each preprocessed volume's name, else its file name).
 
     ``data.views_on_device: auto`` is on when training runs on a CUDA GPU. The resolved values
     are logged; the fingerprint sees the resolved ``views_on_device``.
@@ -248,7 +252,9 @@ def train_from_config(
     }
     # The model card's training part travels inside the teacher file (model.py), with the
     # preprocessing it expects: a run that applies this teacher checks it before any job.
-    card = training_card(config, _scan_ids(volume_paths), summary, monitors)
+    if scan_ids is None:
+        scan_ids = [source_of_volume(p) or os.path.basename(str(p)) for p in volume_paths]
+    card = training_card(config, scan_ids, summary, monitors)
     model_id = save_teacher(
         model.teacher,
         config["encoder"],
@@ -269,11 +275,6 @@ def train_from_config(
     (work / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _barrier()
     return summary
-
-
-def _scan_ids(volume_paths: Sequence[str]) -> list[str]:
-    """Scan ids of preprocessed volumes (``<scan_id>_desc-preproc_T1w.nii.gz``)."""
-    return [os.path.basename(str(p)).removesuffix("_desc-preproc_T1w.nii.gz") for p in volume_paths]
 
 
 def _launch_rank() -> int:

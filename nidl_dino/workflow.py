@@ -19,6 +19,7 @@ import yaml
 
 from nidl_dino.atomic import write_text_atomic
 from nidl_dino.errors import UserError
+from nidl_dino.layout import Layout
 from nidl_dino.settings import with_defaults
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ def scan_cache_path(config: Mapping[str, Any]) -> Path:
         default=str,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return Path(str(config["output_dir"])) / ".cache" / f"scans-{digest}.tsv"
+    return Layout(Path(str(config["output_dir"]))).scan_cache(digest)
 
 
 def discover(config: Mapping[str, Any], reuse_cache: bool = False):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from nidl_dino.features import extract_features
+from nidl_dino.layout import ScanFiles
 from nidl_dino.teacher import load_teacher
 from nidl_dino.training import train_from_config
 
@@ -48,7 +49,7 @@ def volumes(tmp_path_factory) -> list[str]:
     rng = np.random.default_rng(0)
     paths = []
     for i in range(6):
-        path = folder / f"sub-{i:02d}_desc-preproc_T1w.nii.gz"
+        path = ScanFiles(folder, f"sub-{i:02d}").volume
         data = rng.standard_normal((24, 24, 24)).astype(np.float32)
         nib.save(nib.Nifti1Image(data, np.eye(4)), path)
         paths.append(str(path))

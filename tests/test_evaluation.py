@@ -8,6 +8,7 @@ import pytest
 
 from nidl_dino.errors import UserError
 from nidl_dino.evaluation import _largest_pca
+from nidl_dino.layout import Layout
 
 
 @pytest.mark.parametrize("n, n_splits, inner", [(21, 5, 3), (200, 5, 3), (6, 2, 2), (4, 2, 2)])
@@ -36,10 +37,10 @@ def _cohort_with_teacher(tmp_path):
     scans = [f"sub-{i:02d}" for i in range(5)]
     status = ["ok", "excluded", "ok", "ok", "ok"]
     for scan in scans:
-        folder = tmp_path / "preproc" / scan
-        folder.mkdir(parents=True)
+        path = Layout(tmp_path).scan(scan).volume
+        path.parent.mkdir(parents=True)
         volume = rng.random((16, 16, 18)).astype(np.float32)
-        nib.save(nib.Nifti1Image(volume, np.eye(4)), folder / f"{scan}_desc-preproc_T1w.nii.gz")
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
     qc = pd.DataFrame(
         {
             "participant_id": scans,
@@ -70,7 +71,7 @@ def _extract(tmp_path, qc, teacher, seed=0, pca_downsample=4, **extract):
         "probes": {"pca": {"downsample": pca_downsample}},
     }
     out = tmp_path / "features"
-    extract_cohort(teacher, qc, tmp_path / "preproc", out / "manifest.tsv", config, out / "base")
+    extract_cohort(teacher, qc, Layout(tmp_path), out / "manifest.tsv", config, out / "base")
     return {
         "random_encoder": out / "base" / "random_encoder.parquet",
         "intensities": out / "base" / "intensities.parquet",
@@ -93,7 +94,7 @@ def test_feature_sets_align_with_ok_rows_and_read_the_extract_jobs_tables(tmp_pa
     assert sets["brain_volume"][:, 0].tolist() == [1000.0, 1100.0, 1200.0, 1300.0]
     # read out like the DINO features: std and mean of every stage of small_cnn by default,
     # from DINO's initial weights (encoder_seed), the same numbers a separate pass would give
-    volumes = ok_volumes(qc, tmp_path / "preproc")
+    volumes = ok_volumes(qc, Layout(tmp_path))
     expected = extract_features(
         feature_encoder(random_encoder_like(teacher, seed=3), "stages_mean_std"),
         volumes,

@@ -13,6 +13,7 @@ import pytest
 
 from nidl_dino import jobs
 from nidl_dino.errors import UserError
+from nidl_dino.layout import Layout
 from nidl_dino.preprocessing.phantom import scanner_affine, synthetic_scan
 
 NO_REG = {"registration": {"enabled": False}, "resample": {"spacing_mm": 4.0}}
@@ -62,7 +63,8 @@ def test_batch_isolates_each_scan_and_redoes_only_what_is_missing(tmp_path, scan
 
     # the children are forked after this: they run the patched function
     monkeypatch.setattr(jobs, "preprocess_or_exclude", crashing)
-    out = tmp_path / "preproc"
+    out = tmp_path / "out"
+    layout = Layout(out, 4.0)
     result = jobs.preprocess_batch(scans, out, NO_REG, workers=2, log_dir=tmp_path / "logs")
     by_scan = {r["scan_id"]: r for r in result}
     assert [r["scan_id"] for r in result] == [s["scan_id"] for s in scans]
@@ -70,16 +72,19 @@ def test_batch_isolates_each_scan_and_redoes_only_what_is_missing(tmp_path, scan
     assert by_scan["sub-02"]["status"] == "excluded" and by_scan["sub-02"]["reason"]
     assert by_scan["sub-03"]["status"] == "excluded"
     assert "killed by signal 9" in by_scan["sub-03"]["reason"]
-    crashed = json.loads((out / "sub-03" / "sub-03_qc.json").read_text())
+    crashed = json.loads((out / "sub-03/anat/sub-03_desc-qc_T1w.json").read_text())
     assert crashed["status"] == "excluded" and crashed["scan_id"] == "sub-03"
     assert (tmp_path / "logs" / "sub-00.log").exists()
     for scan in ("sub-00", "sub-01"):
-        assert (out / scan / f"{scan}_desc-preproc_T1w.nii.gz").exists()
+        files = layout.scan(scan)
+        assert files.volume.exists() and files.mask.exists() and files.transform.exists()
+        assert files.signature.exists()
+    assert not layout.scan("sub-03").signature.exists()
     assert not any(r["skipped"] for r in result)
 
     # a re-run skips every finished scan and retries the crashed one (it left no signature)
     monkeypatch.setattr(jobs, "preprocess_or_exclude", real)
-    volume = out / "sub-00" / "sub-00_desc-preproc_T1w.nii.gz"
+    volume = layout.scan("sub-00").volume
     before = volume.stat().st_mtime_ns
     again = {r["scan_id"]: r for r in jobs.preprocess_batch(scans, out, NO_REG, workers=2)}
     assert again["sub-00"]["skipped"] and again["sub-01"]["skipped"] and again["sub-02"]["skipped"]
@@ -93,3 +98,29 @@ def test_batch_isolates_each_scan_and_redoes_only_what_is_missing(tmp_path, scan
     # and a changed input file too
     os.utime(scans[1]["path"], ns=(1, 1))
     assert not jobs.preprocess_batch(scans[1:2], out, NO_REG, workers=1)[0]["skipped"]
+    # and a file of the scan that went missing (its signature alone does not do)
+    layout.scan("sub-01").mask.unlink()
+    assert not jobs.preprocess_batch(scans[1:2], out, NO_REG, workers=1)[0]["skipped"]
+    assert layout.scan("sub-01").mask.exists()
+
+
+def test_batch_names_files_after_the_scans_bids_entities(tmp_path, scans):
+    # sub-00's one scan is sub-00_acq-fast_run-2: its scan id drops the entities, its files keep
+    # them; the record keeps the scan id
+    layout = Layout(tmp_path / "out", 4.0, {"sub-00": "sub-00_acq-fast_run-2"})
+    [row] = jobs.preprocess_batch(scans[:1], layout, NO_REG, workers=1)
+    assert row["status"] == "ok" and not row["skipped"]
+    folder = tmp_path / "out" / "sub-00" / "anat"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".sub-00_acq-fast_run-2.nidl-dino-done.json",
+        "sub-00_acq-fast_run-2_desc-qc_T1w.json",
+        "sub-00_acq-fast_run-2_desc-qc_T1w.png",
+        "sub-00_acq-fast_run-2_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.mat",
+        "sub-00_acq-fast_run-2_space-MNI152NLin2009aSym_res-4_desc-brain_mask.nii.gz",
+        "sub-00_acq-fast_run-2_space-MNI152NLin2009aSym_res-4_desc-preproc_T1w.nii.gz",
+    ]
+    record = json.loads(layout.scan("sub-00").qc_json.read_text())
+    assert record["scan_id"] == "sub-00" and record["participant_id"] == "sub-00"
+    assert jobs.preprocess_batch(scans[:1], layout, NO_REG, workers=1)[0]["skipped"]
+    with pytest.raises(ValueError, match="grid"):  # files named after another grid
+        jobs.preprocess_batch(scans[:1], Layout(tmp_path / "out", 3.0), NO_REG)

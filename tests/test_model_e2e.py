@@ -155,4 +155,4 @@ def test_a_teacher_of_another_grid_is_refused_before_any_job(cohorts, teacher_a)
     line = [x for x in res.stderr.splitlines() if x.startswith("nidl-dino: error")]
     assert len(line) == 1
     assert "preprocessing.resample.spacing_mm = 4.0" in line[0] and "has 3.0" in line[0]
-    assert not (root / "outC/preproc").exists()
+    assert not list((root / "outC").glob("sub-*")) and not (root / "outC/preproc").exists()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from nidl_dino import DINO, DINOLoss, DINOProjectionHead
 from nidl_dino.errors import UserError
+from nidl_dino.layout import Layout
 from nidl_dino.workflow import check_config
 
 from dino_fixtures import SMALL_HEAD, TinyConv3d, views_loader
@@ -199,7 +200,7 @@ def test_extraction_runs_float32_unless_asked_whatever_training_used(
         {"scan_id": ["sub-01"], "participant_id": ["sub-01"], "session_id": [""], "status": ["ok"]}
     )
     config = {"extract": extract, "trainer": {"accelerator": "cpu", "precision": "bf16-mixed"}}
-    features.extract_cohort("teacher.pt", qc, tmp_path, tmp_path / "manifest.tsv", config)
+    features.extract_cohort("teacher.pt", qc, Layout(tmp_path), tmp_path / "manifest.tsv", config)
     assert seen["precision"] == expected and seen["accelerator"] == "cpu"
 
 

@@ -22,7 +22,12 @@ from scipy import ndimage
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
 from nidl_dino.errors import UserError  # noqa: E402
-from nidl_dino.preprocessing import DEFAULT_CONFIG, merge_config, preprocess_scan  # noqa: E402
+from nidl_dino.preprocessing import (  # noqa: E402
+    DEFAULT_CONFIG,
+    merge_config,
+    output_paths,
+    preprocess_scan,
+)
 from nidl_dino.preprocessing.ants_bridge import read_ras_transform, write_ras_transform  # noqa: E402
 from nidl_dino.preprocessing.bias import n4_bias_field  # noqa: E402
 from nidl_dino.preprocessing.io import atomic_path  # noqa: E402
@@ -118,7 +123,7 @@ def test_same_output_whatever_the_stored_orientation(tmp_path, head_2mm, registr
         record = preprocess_scan(path, tmp_path / codes, codes, config=config)
         assert record["status"] == "ok", record["reason"]
         assert record["input"]["orientation"] == codes
-        outputs.append(nib.load(tmp_path / codes / f"{codes}_desc-preproc_T1w.nii.gz"))
+        outputs.append(nib.load(output_paths(tmp_path / codes, codes, config)["volume"]))
     for img in outputs[1:]:
         np.testing.assert_array_equal(np.asarray(img.dataobj), np.asarray(outputs[0].dataobj))
         np.testing.assert_array_equal(img.affine, outputs[0].affine)
@@ -144,7 +149,7 @@ def test_registration_brings_a_moved_head_back_to_the_template(tmp_path):
     # where the truth puts them (mean error under 2 mm).
     import ants
 
-    tx = ants.read_transform(str(tmp_path / "out" / "moved_from-T1w_to-MNI152_xfm.mat"))
+    tx = ants.read_transform(str(output_paths(tmp_path / "out", "moved", DEMO)["transform"]))
     mapped = np.array([tx.apply_to_point(tuple(FLIP @ p)) for p in LANDMARKS]) @ FLIP
     errors = np.linalg.norm(mapped - apply(truth, LANDMARKS), axis=1)
     assert errors.mean() < 2.0, errors
@@ -215,7 +220,7 @@ def test_landmark_keeps_its_world_position_through_the_pipeline(tmp_path, head_2
     path = save(tmp_path / "marked.nii.gz", marked, affine)
     config = {**NO_REG, "normalization": {"method": "none"}, "bias_correction": {"enabled": False}}
     preprocess_scan(path, tmp_path / "out", "m", config=config)
-    img = nib.load(tmp_path / "out" / "m_desc-preproc_T1w.nii.gz")
+    img = nib.load(output_paths(tmp_path / "out", "m", config)["volume"])
     out = np.asarray(img.dataobj)
     baseline = resample_to_grid(data, affine, out.shape, img.affine)
     peak = np.clip(out - baseline, 0, None)
@@ -298,14 +303,16 @@ def test_outputs_and_record(tmp_path, head_2mm):
     assert record["status"] == "ok" and record["reason"] == ""
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == [
-        "sub-07_desc-preproc_T1w.nii.gz",
-        "sub-07_from-T1w_to-MNI152_xfm.mat",
-        "sub-07_qc.json",
-        "sub-07_qc.png",
+        "sub-07_desc-qc_T1w.json",
+        "sub-07_desc-qc_T1w.png",
+        "sub-07_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.mat",
+        "sub-07_space-MNI152NLin2009aSym_res-3_desc-brain_mask.nii.gz",
+        "sub-07_space-MNI152NLin2009aSym_res-3_desc-preproc_T1w.nii.gz",
     ]  # and no temporary files left
-    assert json.loads((tmp_path / "out" / "sub-07_qc.json").read_text()) == json.loads(
+    assert json.loads((tmp_path / "out" / "sub-07_desc-qc_T1w.json").read_text()) == json.loads(
         json.dumps(record)
     )
+    assert sorted(record["outputs"].values()) == [n for n in names if not n.endswith(".json")]
     assert record["participant_id"] == "sub-07" and record["input_file"] == str(path)
     assert record["input"]["voxel_size_mm"] == [2.0, 2.0, 2.0]
     assert record["input"]["dtype"] == "float32"
@@ -318,7 +325,7 @@ def test_outputs_and_record(tmp_path, head_2mm):
     ):
         assert isinstance(record["metrics"][key], float)
 
-    img = nib.load(tmp_path / "out" / "sub-07_desc-preproc_T1w.nii.gz")
+    img = nib.load(tmp_path / "out" / names[-1])
     grid_shape, grid_affine = output_grid(merge_config(NO_REG)["resample"])
     assert img.shape == grid_shape and img.get_data_dtype() == np.float32
     np.testing.assert_allclose(img.affine, grid_affine)
@@ -326,7 +333,7 @@ def test_outputs_and_record(tmp_path, head_2mm):
     assert out.min() == 0.0 and out.max() == pytest.approx(1.0)
     # Registration off: the transform is the identity, in the same ITK format.
     np.testing.assert_allclose(
-        read_ras_transform(tmp_path / "out" / "sub-07_from-T1w_to-MNI152_xfm.mat"),
+        read_ras_transform(tmp_path / "out" / names[2]),
         np.eye(4),
         atol=1e-7,
     )
@@ -339,8 +346,8 @@ def test_keep_head_keeps_voxels_outside_the_mask(tmp_path, head_2mm):
     kept = preprocess_scan(
         path, tmp_path / "b", "b", config={**NO_REG, "mask": {"keep_head": True}}
     )
-    a = np.asarray(nib.load(tmp_path / "a" / "a_desc-preproc_T1w.nii.gz").dataobj)
-    b = np.asarray(nib.load(tmp_path / "b" / "b_desc-preproc_T1w.nii.gz").dataobj)
+    a = np.asarray(nib.load(output_paths(tmp_path / "a", "a", NO_REG)["volume"]).dataobj)
+    b = np.asarray(nib.load(output_paths(tmp_path / "b", "b", NO_REG)["volume"]).dataobj)
     inside = a != 0
     np.testing.assert_array_equal(a[inside], b[inside])  # same in-mask statistics
     assert np.count_nonzero(b[~inside]) > 1000  # scalp kept
@@ -451,7 +458,7 @@ def test_config_merges_nested_and_rejects_unknown_keys():
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "x_desc-preproc_T1w.nii.gz"
+    target = tmp_path / "x.nii.gz"
     with pytest.raises(RuntimeError), atomic_path(target) as tmp:
         assert tmp.name.endswith(".nii.gz") and tmp.parent == tmp_path
         tmp.write_bytes(b"half")

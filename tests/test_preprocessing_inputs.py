@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
 from nidl_dino.errors import ScanRejected  # noqa: E402
-from nidl_dino.preprocessing import merge_config, preprocess_scan  # noqa: E402
+from nidl_dino.preprocessing import merge_config, output_paths, preprocess_scan  # noqa: E402
 from nidl_dino.preprocessing.io import read_nifti  # noqa: E402
 from nidl_dino.preprocessing.phantom import scanner_affine, synthetic_scan  # noqa: E402
 
@@ -147,11 +147,11 @@ def test_bad_input_is_excluded_with_its_reason(tmp_path, make, reason):
     assert "\n" not in record["reason"]
     assert record["participant_id"] == "sub-01" and record["session_id"] == "ses-1"
     assert record["input_file"] == str(path)
-    assert json.loads((out / "sub-01_ses-1_qc.json").read_text()) == json.loads(json.dumps(record))
-    assert (out / "sub-01_ses-1_qc.png").read_bytes()[:4] == b"\x89PNG"
-    assert not (out / "sub-01_ses-1_desc-preproc_T1w.nii.gz").exists()
-    assert not (out / "sub-01_ses-1_from-T1w_to-MNI152_xfm.mat").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["sub-01_ses-1_qc.json", "sub-01_ses-1_qc.png"]
+    qc_json, qc_png = out / "sub-01_ses-1_desc-qc_T1w.json", out / "sub-01_ses-1_desc-qc_T1w.png"
+    assert json.loads(qc_json.read_text()) == json.loads(json.dumps(record))
+    assert qc_png.read_bytes()[:4] == b"\x89PNG"
+    # no volume, mask nor transform: only the QC record and picture
+    assert sorted(out.iterdir()) == [qc_json, qc_png]
 
 
 def test_single_volume_4d_is_accepted(tmp_path):
@@ -165,9 +165,10 @@ def test_single_volume_4d_is_accepted(tmp_path):
 def test_rejected_scan_removes_stale_outputs(tmp_path):
     out = tmp_path / "out"
     assert preprocess_scan(_good(tmp_path), out, "s", config=FAST)["status"] == "ok"
+    assert len(list(out.iterdir())) == 5  # volume, mask, transform, QC record and picture
     record = preprocess_scan(all_zero(tmp_path), out, "s", config=FAST)
     assert record["status"] == "excluded"
-    assert sorted(p.name for p in out.iterdir()) == ["s_qc.json", "s_qc.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["s_desc-qc_T1w.json", "s_desc-qc_T1w.png"]
 
 
 def test_read_nifti_raises_scan_rejected_with_path(tmp_path):
@@ -202,7 +203,7 @@ def test_poor_registration_is_excluded(tmp_path):
         f"registration similarity {similarity:.2f} below threshold {floor:g}"
     )
     assert record["flags"][0] == record["reason"].split("; ")[0]
-    assert not (tmp_path / "out" / "s_desc-preproc_T1w.nii.gz").exists()
+    assert not output_paths(tmp_path / "out", "s", FAST)["volume"].exists()
 
 
 def test_brain_outside_the_field_of_view_is_excluded(tmp_path):

@@ -25,7 +25,7 @@ def umask():
 def test_atomic_writers_honour_umask(tmp_path, umask, mask):
     umask(mask)
     expected = 0o666 & ~mask  # what open(..., "w") gives an ordinary new file
-    json_path = tmp_path / "rec_qc.json"
+    json_path = tmp_path / "record.json"
     write_json_atomic({"a": 1}, json_path)
     nii_path = tmp_path / "vol.nii.gz"
     save_nifti_atomic(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), nii_path)
@@ -37,5 +37,5 @@ def test_atomic_writers_honour_umask(tmp_path, umask, mask):
         assert stat.S_IMODE(path.stat().st_mode) == expected, path.name
     # No temporary file is left next to the outputs.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["rec_qc.json", "vol.nii.gz", "x.mat", "plain.txt"]
+        ["record.json", "vol.nii.gz", "x.mat", "plain.txt"]
     )

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from nidl_dino.preprocessing import merge_config, preprocess_scan
+from nidl_dino.preprocessing import merge_config, output_paths, preprocess_scan
 from nidl_dino.preprocessing.bias import n4_bias_field
 from nidl_dino.preprocessing.io import read_nifti
 from nidl_dino.preprocessing.mask import brain_mask_on_grid, foreground_mask
@@ -140,7 +140,9 @@ def untouched(real_head, tmp_path_factory):
         "folder": folder,
         "record": record,
         "transform": np.array(record["steps"]["registration"]["template_to_subject_ras"]),
-        "volume": np.asarray(nib.load(folder / "out" / "ch2_desc-preproc_T1w.nii.gz").dataobj),
+        "volume": np.asarray(
+            nib.load(output_paths(folder / "out", "ch2", CONFIG)["volume"]).dataobj
+        ),
         "head": head,
         "brain": brain,
     }
@@ -161,8 +163,8 @@ def test_skull_stripped_and_whole_head_give_close_volumes(untouched, real_head):
     assert untouched["record"]["steps"]["skull_stripped"]["detected"] is False
     # Measured 2026-12: r 0.954, mean |difference| 0.050 (0.054 and lo = 0 before the fix).
     check_against_untouched(record, folder, "ch2bet", untouched, np.eye(4), min_r=0.95)
-    stripped = np.asarray(nib.load(folder / "ch2bet_desc-preproc_T1w.nii.gz").dataobj)
-    img = nib.load(folder / "ch2bet_desc-preproc_T1w.nii.gz")
+    img = nib.load(output_paths(folder, "ch2bet", CONFIG)["volume"])
+    stripped = np.asarray(img.dataobj)
     inside = brain_mask_on_grid(stripped.shape, img.affine)
     assert np.abs(stripped[inside] - untouched["volume"][inside]).mean() < 0.052
 
@@ -176,9 +178,9 @@ def check_against_untouched(record, folder, prefix, untouched, m, min_r=0.95):
     )
     limit = MAX_EDGE_ERROR_MM.get(prefix, 1.0)
     assert errors.max() < limit, f"{prefix}: max {errors.max():.2f} mm at the brain edge"
-    volume = np.asarray(nib.load(folder / f"{prefix}_desc-preproc_T1w.nii.gz").dataobj)
+    img = nib.load(output_paths(folder, prefix, CONFIG)["volume"])
+    volume = np.asarray(img.dataobj)
     ref = untouched["volume"]
-    img = nib.load(folder / f"{prefix}_desc-preproc_T1w.nii.gz")
     inside = brain_mask_on_grid(volume.shape, img.affine)
     r = np.corrcoef(volume[inside], ref[inside])[0, 1]
     assert r > min_r, f"{prefix}: correlation {r:.3f} with the untouched head"

@@ -16,6 +16,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from nidl_dino.errors import UserError
+from nidl_dino.layout import ScanFiles
 from nidl_dino.report import THUMBNAIL_WIDTH, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -69,7 +70,7 @@ def _make_inputs(folder: Path, *, site: bool = True, age: bool = True) -> dict:
     qc.to_csv(folder / "qc.tsv", sep="\t", index=False, na_rep="n/a")
     pngs = {}
     for scan, status, reason in zip(qc["scan_id"], qc["status"], qc["reason"], strict=True):
-        path = folder / f"{scan}_qc.png"
+        path = ScanFiles(folder, scan).qc_png  # the name preprocessing gives it
         if status == "ok":
             pngs[scan] = _qc_png(path, f"{scan}: ok", rng)
         else:

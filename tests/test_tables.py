@@ -6,10 +6,10 @@ import os
 
 import pandas as pd
 
+from nidl_dino.layout import Layout
 from nidl_dino.tables import (
     QC_LEADING_COLUMNS,
     ok_volumes,
-    preprocessed_volume,
     qc_table,
     read_qc_table,
     write_table_atomic,
@@ -70,9 +70,11 @@ def test_parquet_by_suffix_and_umask(tmp_path):
 
 
 def test_ok_volumes_in_qc_order(tmp_path):
-    qc = pd.DataFrame({"scan_id": ["b", "a", "c"], "status": ["ok", "excluded", "ok"]})
-    assert ok_volumes(qc, tmp_path) == [
-        str(preprocessed_volume(tmp_path, "b")),
-        str(preprocessed_volume(tmp_path, "c")),
+    qc = pd.DataFrame(
+        {"scan_id": ["sub-b", "sub-a", "sub-c_ses-1"], "status": ["ok", "excluded", "ok"]}
+    )
+    layout = Layout(tmp_path, spacing_mm=2.0, sources={"sub-b": "sub-b_run-1"})
+    assert ok_volumes(qc, layout) == [
+        f"{tmp_path}/sub-b/anat/sub-b_run-1_space-MNI152NLin2009aSym_res-2_desc-preproc_T1w.nii.gz",
+        f"{tmp_path}/sub-c/ses-1/anat/sub-c_ses-1_space-MNI152NLin2009aSym_res-2_desc-preproc_T1w.nii.gz",
     ]
-    assert preprocessed_volume(tmp_path, "b") == tmp_path / "b" / "b_desc-preproc_T1w.nii.gz"

@@ -91,11 +91,26 @@ def test_tiny_end_to_end_run(cohort):
     assert cohort_pq.loc[is_ok, features].notna().all().all()
     assert cohort_pq.loc[~is_ok, features].isna().all().all()
     assert (out / "model/training_curves.png").stat().st_size > 1000
-    for scan in ok["participant_id"]:
-        folder = out / "preproc" / scan
-        assert (folder / f"{scan}_desc-preproc_T1w.nii.gz").exists()
-        assert (folder / f"{scan}_from-T1w_to-MNI152_xfm.mat").exists()
-        assert (folder / f"{scan}_qc.png").exists()
+    # BIDS-derivatives names, as fMRIPrep writes them, in sub-<label>/anat/ (6 mm grid: res-6)
+    for scan in ok["scan_id"]:
+        anat = out / scan / "anat"
+        for name in (
+            "space-MNI152NLin2009aSym_res-6_desc-preproc_T1w.nii.gz",
+            "space-MNI152NLin2009aSym_res-6_desc-brain_mask.nii.gz",
+            "from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.mat",
+            "desc-qc_T1w.png",
+            "desc-qc_T1w.json",
+        ):
+            assert (anat / f"{scan}_{name}").exists(), name
+    for scan in excluded["scan_id"]:
+        names = sorted(p.name for p in (out / scan / "anat").iterdir())
+        assert names == [
+            f".{scan}.nidl-dino-done.json",
+            f"{scan}_desc-qc_T1w.json",
+            f"{scan}_desc-qc_T1w.png",
+        ]
+    assert not list((out / "preproc").glob("sub-*"))  # only the batch tables there
+    assert "**/*_desc-qc_T1w.json" in (out / ".bidsignore").read_text().splitlines()
 
     # probes ran, or say in their table why a 4-scan cohort could not be probed
     assert (out / "probes/scores.tsv").exists() and (out / "probes/predictions.tsv").exists()

@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 
 from nidl_dino.errors import ScanRejected
+from nidl_dino.layout import ScanFiles
 from nidl_dino.preprocessing.ants_bridge import write_ras_transform
 from nidl_dino.preprocessing.bias import n4_bias_field
 from nidl_dino.preprocessing.config import merge_config
@@ -60,14 +61,15 @@ from nidl_dino.preprocessing.validate import describe_input, validate_image
 TEMPLATE_NAME = "MNI152 ICBM 2009 T1, skull-stripped (nilearn.datasets.load_mni152_template)"
 
 
-def output_paths(out_dir: str | os.PathLike, prefix: str) -> dict[str, Path]:
-    """The four files of a scan: ``volume``, ``transform``, ``qc_json``, ``qc_png``."""
-    out_dir = Path(out_dir)
+def output_paths(
+    out_dir: str | os.PathLike, prefix: str, config: dict[str, Any] | None = None
+) -> dict[str, Path]:
+    """The files of a scan in ``out_dir``, named by :class:`nidl_dino.layout.ScanFiles` after
+    ``prefix`` and the grid of ``config``: ``volume``, ``mask``, ``transform``, ``qc_json``,
+    ``qc_png``."""
+    files = ScanFiles(Path(out_dir), prefix, merge_config(config)["resample"]["spacing_mm"])
     return {
-        "volume": out_dir / f"{prefix}_desc-preproc_T1w.nii.gz",
-        "transform": out_dir / f"{prefix}_from-T1w_to-MNI152_xfm.mat",
-        "qc_json": out_dir / f"{prefix}_qc.json",
-        "qc_png": out_dir / f"{prefix}_qc.png",
+        key: getattr(files, key) for key in ("volume", "mask", "transform", "qc_json", "qc_png")
     }
 
 
@@ -89,24 +91,28 @@ def preprocess_scan(
 ) -> dict[str, Any]:
     """Preprocess one T1w scan into MNI space and write its outputs and QC record.
 
-    Files written in ``out_dir`` (each atomically: temporary name, then rename):
+    Files written in ``out_dir`` (each atomically: temporary name, then rename), named by
+    :class:`nidl_dino.layout.ScanFiles` (``<space>`` the template, ``<r>`` the grid spacing):
 
-    - ``<prefix>_desc-preproc_T1w.nii.gz``: float32 volume on the fixed MNI grid (sform and
-      qform code MNI), normalised, masked unless ``mask.keep_head``;
-    - ``<prefix>_from-T1w_to-MNI152_xfm.mat``: the affine as an ITK/ANTs file. ITK convention:
-      it maps MNI points to T1w points, i.e. it is the transform that resamples the T1w image
-      onto MNI (``ants.apply_transforms(fixed=mni, moving=t1w, transformlist=[xfm])``); a T1w
-      point goes to MNI with its inverse. Identity when registration is off.
-    - ``<prefix>_qc.png``: three orthogonal slices with the template outline;
-    - ``<prefix>_qc.json``: the QC record, written last.
+    - ``<prefix>_space-<space>_res-<r>_desc-preproc_T1w.nii.gz``: float32 volume on the fixed
+      MNI grid (sform and qform code MNI), normalised, masked unless ``mask.keep_head``;
+    - ``<prefix>_space-<space>_res-<r>_desc-brain_mask.nii.gz``: the brain mask on the same grid
+      (uint8, 1 inside): the template's brain dilated by ``mask.dilation_mm``, which the
+      volume is masked with (unless ``mask.enabled`` is off or ``mask.keep_head`` on);
+    - ``<prefix>_from-T1w_to-<space>_mode-image_xfm.mat``: the affine as an ITK/ANTs file. ITK
+      convention: it maps MNI points to T1w points, i.e. it is the transform that resamples the
+      T1w image onto MNI (``ants.apply_transforms(fixed=mni, moving=t1w, transformlist=[xfm])``);
+      a T1w point goes to MNI with its inverse. Identity when registration is off.
+    - ``<prefix>_desc-qc_T1w.png``: three orthogonal slices with the template outline;
+    - ``<prefix>_desc-qc_T1w.json``: the QC record, written last.
 
-    An excluded scan gets only the QC JSON and PNG (any volume or transform left by an earlier
-    run is removed).
+    An excluded scan gets only the QC JSON and PNG (any volume, mask or transform left by an
+    earlier run is removed).
 
     Args:
         in_file: the NIfTI file (``.nii`` or ``.nii.gz``).
         out_dir: output folder, created if needed.
-        prefix: file name prefix, e.g. ``sub-01_ses-1``.
+        prefix: file name prefix, the input's entities, e.g. ``sub-01_ses-1_run-2``.
         config: the ``preprocessing:`` config section, possibly partial; merged over
             :data:`~nidl_dino.preprocessing.DEFAULT_CONFIG`.
         ids: identifiers copied into the record (e.g. ``participant_id``, ``session_id``).
@@ -122,7 +128,7 @@ def preprocess_scan(
     cfg = merge_config(config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = output_paths(out_dir, prefix)
+    paths = output_paths(out_dir, prefix, cfg)
     record: dict[str, Any] = {
         **(ids or {}),
         "input_file": str(in_file),
@@ -153,15 +159,17 @@ def preprocess_scan(
     tick = time.perf_counter()
     if record["status"] == "ok":
         _write_volume(processed, paths["volume"])
+        _write_mask(processed, float(cfg["mask"]["dilation_mm"]), paths["mask"])
         with atomic_path(paths["transform"]) as tmp:
             write_ras_transform(processed.transform, tmp)
         record["outputs"] = {
             "volume": paths["volume"].name,
+            "mask": paths["mask"].name,
             "transform": paths["transform"].name,
             "qc_png": paths["qc_png"].name,
         }
     else:
-        for key in ("volume", "transform"):
+        for key in ("volume", "mask", "transform"):
             paths[key].unlink(missing_ok=True)
         record["outputs"] = {"qc_png": paths["qc_png"].name}
     title = f"{prefix}: {record['status']}"
@@ -323,6 +331,17 @@ def _skull_stripped(
 
 def _write_volume(processed: _Processed, path: Path) -> None:
     img = nib.Nifti1Image(processed.volume.astype(np.float32), processed.grid_affine)
+    img.set_sform(processed.grid_affine, code="mni")
+    img.set_qform(processed.grid_affine, code="mni")
+    img.header.set_xyzt_units("mm")
+    save_nifti_atomic(img, path)
+
+
+def _write_mask(processed: _Processed, dilation_mm: float, path: Path) -> None:
+    # The mask of the normalisation step (cached per grid), recomputed here from the grid.
+    mask = brain_mask_on_grid(processed.volume.shape, processed.grid_affine, dilation_mm)
+    img = nib.Nifti1Image(mask.astype(np.uint8), processed.grid_affine)
+    img.set_data_dtype(np.uint8)
     img.set_sform(processed.grid_affine, code="mni")
     img.set_qform(processed.grid_affine, code="mni")
     img.header.set_xyzt_units("mm")

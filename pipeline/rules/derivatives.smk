@@ -8,15 +8,16 @@ localrules:
 
 rule dataset_description:
     output:
-        description=f"{OUT}/dataset_description.json",
-        bidsignore=f"{OUT}/.bidsignore",
+        description=LAYOUT.dataset_description,
+        bidsignore=LAYOUT.bidsignore,
     log:
-        f"{OUT}/logs/dataset_description.log",
+        LAYOUT.log("dataset_description"),
     conda:
         "../../envs/tables.yaml"
     params:
         bids_dir=config.get("bids_dir") or "",
         generated_by=generated_by(workflow.basedir),
+        layout=LAYOUT.params([]),
     script:
         "../scripts/dataset_description.py"
 
@@ -24,16 +25,16 @@ rule dataset_description:
 rule model_card:
     input:
         teacher=TEACHER,
-        scores=f"{OUT}/probes/scores.tsv",
+        scores=LAYOUT.probe_scores,
     output:
-        json=f"{OUT}/model/model_card.json",
+        json=LAYOUT.model_card_json,
         md=report(
-            f"{OUT}/model/model_card.md",
+            LAYOUT.model_card_md,
             caption="../report/model_card.rst",
             category="Model",
         ),
     log:
-        f"{OUT}/logs/model_card.log",
+        LAYOUT.log("model_card"),
     conda:
         "../../envs/dino.yaml"
     resources:

@@ -10,14 +10,14 @@ from nidl_dino.workflow import loader_threads
 rule extract:
     input:
         teacher=TEACHER,
-        qc=f"{OUT}/qc/qc.tsv",
+        qc=LAYOUT.qc_tsv,
     output:
-        manifest=f"{OUT}/features/manifest.tsv",
-        random_encoder=f"{OUT}/features/baselines/random_encoder.parquet",
-        intensities=f"{OUT}/features/baselines/intensities.parquet",
-        brain_histogram=f"{OUT}/features/baselines/brain_histogram.parquet",
+        manifest=LAYOUT.features_manifest,
+        random_encoder=LAYOUT.baseline("random_encoder"),
+        intensities=LAYOUT.baseline("intensities"),
+        brain_histogram=LAYOUT.baseline("brain_histogram"),
     log:
-        f"{OUT}/logs/extract.log",
+        LAYOUT.log("extract"),
     conda:
         "../../envs/dino.yaml"
     # extract.num_workers: auto makes as many loader workers as threads.
@@ -41,6 +41,6 @@ rule extract:
             "seed": config["seed"],
             "probes": {"pca": config["probes"]["pca"]},
         },
-        preproc_dir=f"{OUT}/preproc",
+        layout=LAYOUT.params(),
     script:
         "../scripts/extract.py"

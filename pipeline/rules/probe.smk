@@ -5,26 +5,26 @@
 
 rule probe:
     input:
-        cohort=f"{OUT}/features/cohort.parquet",
-        qc=f"{OUT}/qc/qc.tsv",
-        random_encoder=f"{OUT}/features/baselines/random_encoder.parquet",
-        intensities=f"{OUT}/features/baselines/intensities.parquet",
-        brain_histogram=f"{OUT}/features/baselines/brain_histogram.parquet",
+        cohort=LAYOUT.cohort_parquet,
+        qc=LAYOUT.qc_tsv,
+        random_encoder=LAYOUT.baseline("random_encoder"),
+        intensities=LAYOUT.baseline("intensities"),
+        brain_histogram=LAYOUT.baseline("brain_histogram"),
     output:
         scores=report(
-            f"{OUT}/probes/scores.tsv",
+            LAYOUT.probe_scores,
             caption="../report/probe_scores.rst",
             category="Probes",
         ),
-        predictions=f"{OUT}/probes/predictions.tsv",
+        predictions=LAYOUT.probe_predictions,
         comparison=report(
-            f"{OUT}/probes/comparison.tsv",
+            LAYOUT.probe_comparison,
             caption="../report/comparison.rst",
             category="Probes",
         ),
-        table=f"{OUT}/probes/probe_table.md",
+        table=LAYOUT.probe_table,
     log:
-        f"{OUT}/logs/probe.log",
+        LAYOUT.log("probe"),
     conda:
         "../../envs/dino.yaml"
     threads: 1

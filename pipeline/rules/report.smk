@@ -8,32 +8,32 @@ rule report:
     input:
         **(
             {
-                "curves": f"{OUT}/model/training_curves.png",
-                "summary": f"{OUT}/model/training_summary.json",
+                "curves": LAYOUT.training_curves,
+                "summary": LAYOUT.training_summary,
             }
             if TRAIN_HERE
             else {}
         ),
-        qc=f"{OUT}/qc/qc.tsv",
-        scores=f"{OUT}/probes/scores.tsv",
-        card=f"{OUT}/model/model_card.md",
-        predictions=f"{OUT}/probes/predictions.tsv",
-        cohort=f"{OUT}/features/cohort.parquet",
+        qc=LAYOUT.qc_tsv,
+        scores=LAYOUT.probe_scores,
+        card=LAYOUT.model_card_md,
+        predictions=LAYOUT.probe_predictions,
+        cohort=LAYOUT.cohort_parquet,
     output:
         html=report(
-            f"{OUT}/report/report.html",
+            LAYOUT.report_html,
             caption="../report/report_html.rst",
             category="Report",
         ),
-        montage=directory(f"{OUT}/report/montage"),
+        montage=directory(LAYOUT.report_montage),
     log:
-        f"{OUT}/logs/report.log",
+        LAYOUT.log("report"),
     conda:
         "../../envs/tables.yaml"
     resources:
         **aggregate_resources("report", len(SCAN_IDS)),
     params:
-        preproc_dir=f"{OUT}/preproc",
+        layout=LAYOUT.params(),
         config=lambda wc: {
             k: config[k]
             for k in (

@@ -3,13 +3,13 @@
 
 rule cohort:
     input:
-        manifest=f"{OUT}/features/manifest.tsv",
-        qc=f"{OUT}/qc/qc.tsv",
+        manifest=LAYOUT.features_manifest,
+        qc=LAYOUT.qc_tsv,
     output:
-        tsv=f"{OUT}/features/cohort.tsv",
-        parquet=f"{OUT}/features/cohort.parquet",
+        tsv=LAYOUT.cohort_tsv,
+        parquet=LAYOUT.cohort_parquet,
     log:
-        f"{OUT}/logs/cohort.log",
+        LAYOUT.log("cohort"),
     conda:
         "../../envs/tables.yaml"
     resources:

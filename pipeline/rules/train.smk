@@ -7,17 +7,17 @@ from nidl_dino.workflow import loader_threads
 
 rule train:
     input:
-        qc=f"{OUT}/qc/qc.tsv",
+        qc=LAYOUT.qc_tsv,
     output:
-        teacher=f"{OUT}/model/teacher.pt",
+        teacher=LAYOUT.teacher,
         curves=report(
-            f"{OUT}/model/training_curves.png",
+            LAYOUT.training_curves,
             caption="../report/training_curves.rst",
             category="Model",
         ),
-        summary=f"{OUT}/model/training_summary.json",
+        summary=LAYOUT.training_summary,
     log:
-        f"{OUT}/logs/train.log",
+        LAYOUT.log("train"),
     conda:
         "../../envs/dino.yaml"
     # torch's threads for the network (Snakemake lowers them to --cores on a workstation); the
@@ -33,8 +33,8 @@ rule train:
     resources:
         **train_job_resources(config),
     params:
-        work=f"{OUT}/model/work",
-        preproc_dir=f"{OUT}/preproc",
+        work=LAYOUT.model_work,
+        layout=LAYOUT.params(),
         config=lambda wc: {
             k: config[k]
             for k in (

@@ -7,15 +7,17 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))
 
 from nidl_dino.features import extract_cohort
 from nidl_dino.jobs import job
+from nidl_dino.layout import Layout
 from nidl_dino.tables import read_qc_table
 
 with job(snakemake.log[0], "extract"):
+    layout = Layout(**snakemake.params.layout)
     extract_cohort(
         teacher_path=snakemake.input.teacher,
         qc=read_qc_table(snakemake.input.qc),
-        preproc_dir=snakemake.params.preproc_dir,
+        layout=layout,
         manifest_path=snakemake.output.manifest,
         config=snakemake.params.config,
-        baselines_dir=Path(snakemake.output.random_encoder).parent,
+        baselines_dir=layout.baselines_dir,
         threads=snakemake.threads,
     )

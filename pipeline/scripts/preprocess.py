@@ -12,12 +12,13 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))
 import pandas as pd
 
 from nidl_dino.jobs import job, preprocess_batch
+from nidl_dino.layout import Layout
 from nidl_dino.tables import write_table_atomic
 
 with job(snakemake.log[0], "preprocess"):
     results = preprocess_batch(
         snakemake.params.scans,
-        snakemake.params.preproc_dir,
+        Layout(**snakemake.params.layout),
         snakemake.params.config,
         workers=snakemake.threads,
         log_dir=snakemake.params.log_dir,

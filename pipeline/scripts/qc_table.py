@@ -8,12 +8,13 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))
 import pandas as pd
 
 from nidl_dino.jobs import job
+from nidl_dino.layout import Layout
 from nidl_dino.tables import qc_table, write_table_atomic
 
 with job(snakemake.log[0], "qc_table"):
-    preproc = Path(snakemake.params.preproc_dir)
+    layout = Layout(**snakemake.params.layout)
     records = []
     for batch in snakemake.input:
         for scan in pd.read_csv(batch, sep="\t", dtype=str)["scan_id"]:
-            records.append(json.loads((preproc / scan / f"{scan}_qc.json").read_text()))
+            records.append(json.loads(layout.scan(scan).qc_json.read_text()))
     write_table_atomic(qc_table(records), snakemake.output[0])

@@ -5,14 +5,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))
 
 from nidl_dino.jobs import job
+from nidl_dino.layout import Layout
 from nidl_dino.report import write_report
 from nidl_dino.tables import read_qc_table
 
 with job(snakemake.log[0], "report"):
-    preproc = Path(snakemake.params.preproc_dir)
+    layout = Layout(**snakemake.params.layout)
     pngs = {}
     for scan in read_qc_table(snakemake.input.qc)["scan_id"]:
-        picture = preproc / scan / f"{scan}_qc.png"
+        picture = layout.scan(scan).qc_png
         if picture.exists():
             pngs[scan] = picture
     write_report(

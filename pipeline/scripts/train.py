@@ -9,14 +9,15 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))
 
 from nidl_dino.distributed import in_slurm_allocation, n_devices, rank_paths, run_ranks
 from nidl_dino.jobs import job
+from nidl_dino.layout import Layout
 from nidl_dino.model import training_scan_volumes
 from nidl_dino.tables import read_qc_table
 from nidl_dino.training import resume_checkpoint, train_from_config, training_fingerprint
 
 with job(snakemake.log[0], "train") as log:
     qc = read_qc_table(snakemake.input.qc)
-    volumes, _ = training_scan_volumes(
-        qc, snakemake.params.preproc_dir, snakemake.params.train_scans
+    volumes, scan_ids = training_scan_volumes(
+        qc, Layout(**snakemake.params.layout), snakemake.params.train_scans
     )
     log.info(
         "training on %d of %d scans (the others were excluded by QC or by model.train_on)",
@@ -35,6 +36,7 @@ with job(snakemake.log[0], "train") as log:
             "config": config,
             "work_dir": str(work.resolve()),
             "teacher_path": str(Path(snakemake.output.teacher).resolve()),
+            "scan_ids": scan_ids,
         }
         run_ranks(n_tasks, snakemake.threads, spec, work / "ranks_spec.json", log=log)
         summary = json.loads((work / "training_summary.json").read_text())
@@ -46,6 +48,7 @@ with job(snakemake.log[0], "train") as log:
             teacher_path=snakemake.output.teacher,
             threads=snakemake.threads,
             memory_mb=snakemake.resources.get("mem_mb"),
+            scan_ids=scan_ids,
         )
     for name, target in (("training_curves.png", "curves"), ("training_summary.json", "summary")):
         Path(snakemake.output[target]).write_bytes((work / name).read_bytes())
