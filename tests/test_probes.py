@@ -550,3 +550,29 @@ def test_judgement_caveat_small_cohort_and_differences_within_the_spread():
     within = judgement_caveat(_comparison([0.5, -0.3], [0.8, 0.9], [False, False]), 200)
     assert within and "cannot tell" in within
     assert judgement_caveat(_comparison([], [], []), 200) is None
+
+
+def test_a_binary_target_with_one_class_in_a_grouped_fold_is_refused_in_one_line():
+    """Two of six participants are F, two scans each: grouped folds of 2 x 2 must leave an
+    inner training fold without an F (liblinear then fails with a misleading 'multiclass')."""
+    from nidl_dino.errors import UserError
+
+    participants = [f"sub-{i}" for i in range(1, 7) for _ in range(2)]
+    table = pd.DataFrame(
+        {
+            "participant_id": participants,
+            "sex": ["F" if p in ("sub-1", "sub-2") else "M" for p in participants],
+        }
+    )
+    features = np.random.default_rng(0).standard_normal((len(table), 4))
+    with pytest.raises(UserError, match=r"one class only .*probes\.n_splits"):
+        run_probes(
+            {"x": features},
+            table,
+            ["sex"],
+            n_splits=2,
+            n_repeats=1,
+            group_by="participant_id",
+            stratify_by=None,
+            inner_splits=2,
+        )

@@ -20,7 +20,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from nidl_dino.errors import UserError
-from nidl_dino.probes.splits import _check_step_sizes, _splits
+from nidl_dino.probes.splits import _check_both_classes, _check_step_sizes, _splits
 from nidl_dino.probes.tasks import (
     CHANCE,
     METRICS,
@@ -212,6 +212,8 @@ def run_probes(
             group_by=group_by,
             inner_splits=inner_splits,
         )
+        if task == "classification":
+            _check_both_classes(target, splits, inner_cv, y, groups)
         for name, feature_set in sets.items():
             X = None if feature_set is None else feature_set.X[keep]
             if feature_set is not None and feature_set.steps:

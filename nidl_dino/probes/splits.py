@@ -155,3 +155,32 @@ def _check_step_sizes(
                 f"target '{target}' leaves only {limit} rows or features in the smallest inner "
                 "training fold; lower probes.pca.n_components"
             )
+
+
+def _check_both_classes(
+    target: str,
+    splits: list[tuple[int, int, np.ndarray, np.ndarray]],
+    inner_cv: object,
+    y: np.ndarray,
+    groups: np.ndarray | None,
+) -> None:
+    """Fail early, naming the keys, when a fold of a binary target holds one class only.
+
+    Grouped folds (every scan of a participant on one side) cannot always balance the classes
+    of a small cohort; a classifier trained on one class, or an ROC-AUC on one, is undefined.
+    """
+    for *_, train, test in splits:
+        folds = [(train, test)]
+        folds += [
+            (train[inner_train], train[inner_test])
+            for inner_train, inner_test in inner_cv.split(
+                np.zeros((len(train), 1)), y[train], None if groups is None else groups[train]
+            )
+        ]
+        for fit_rows, score_rows in folds:
+            if len(np.unique(y[fit_rows])) < 2 or len(np.unique(y[score_rows])) < 2:
+                raise UserError(
+                    f"probe of '{target}': a cross-validation fold holds one class only "
+                    f"({len(y)} scans, grouped by participant): too few scans per class for "
+                    "probes.n_splits and probes.inner_splits; lower them or add scans"
+                )
