@@ -19,14 +19,14 @@ configfile: os.path.join(workflow.basedir, "config.yaml")
 # The checkout's package is importable by the rules' scripts without installation, so the
 # conda environments (--use-conda) only need the dependencies.
 sys.path.insert(0, workflow.basedir)
-from nidl_dino.derivatives import generated_by
-from nidl_dino.distributed import train_job_resources
+from nidl_dino.workflow.derivatives import generated_by
+from nidl_dino.training.distributed import train_job_resources
 from nidl_dino.errors import UserError
-from nidl_dino.inputs import scan_id_wildcard_constraint
-from nidl_dino.layout import Layout, scan_sources
+from nidl_dino.workflow.inputs import scan_id_wildcard_constraint
+from nidl_dino.workflow.layout import Layout, scan_sources
 from nidl_dino.model import resolve_model
 from nidl_dino.settings import SCHEMA_PATH
-from nidl_dino.workflow import (
+from nidl_dino.workflow.setup import (
     aggregate_resources,
     check_config,
     discover,
@@ -47,7 +47,7 @@ try:
     # model.teacher (apply a trained model: checked against this run's preprocessing now) or
     # model.train_on (the training scans); a cluster job trusts the main process's check
     MODEL = resolve_model(config, SCANS, check=not workflow.remote_exec)
-    # every path below output_dir (nidl_dino/layout.py); preprocessed files are named after
+    # every path below output_dir (nidl_dino/workflow/layout.py); preprocessed files are named after
     # each scan's BIDS entities (its source name)
     LAYOUT = Layout.from_config(config, scan_sources(SCANS))
 except UserError as err:

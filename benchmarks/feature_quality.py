@@ -239,8 +239,8 @@ def ceiling_table(bids: Path, results: Path, probes: dict) -> str:
     """Probe scores of the ground-truth latents that generated the images (an upper bound)."""
     import numpy as np
 
-    from nidl_dino.evaluation import probe_targets
-    from nidl_dino.probes import format_probe_table
+    from nidl_dino.evaluation.probes import format_probe_table
+    from nidl_dino.evaluation.probing import probe_targets
 
     cohort = pd.read_parquet(results / "features/cohort.parquet")
     table = cohort[cohort["status"] == "ok"].reset_index(drop=True)

@@ -7,8 +7,8 @@ One command, a few minutes on one GPU::
 
 It writes head-like phantom volumes (``training_speed.phantom``) to a temporary folder, trains
 DINO with the GPU recipe (``precision: bf16-mixed``, ``data.views_on_device: true``, resnet18,
-views 96^3 / 48^3 from 128^3) through :class:`~nidl_dino.data.DINODataModule` and the
-device-dependent Trainer options of :func:`nidl_dino.devices.trainer_options` (cudnn.benchmark,
+views 96^3 / 48^3 from 128^3) through :class:`~nidl_dino.training.data.DINODataModule` and the
+device-dependent Trainer options of :func:`nidl_dino.training.devices.trainer_options` (cudnn.benchmark,
 logging interval), then extracts features of every volume with the teacher in float32 and in
 bf16-mixed. It prints: training steps/s, the fraction of step time waiting for data (loader,
 transfer and device views) and the views' share of it, peak memory, extraction subjects/s, and
@@ -84,9 +84,9 @@ def peak_memory_gib(device: str) -> float:
 
 
 def train(paths: list[str], setting: dict, device: str, precision: str, folder: Path):
-    from nidl_dino.data import DINODataModule
-    from nidl_dino.devices import trainer_options
-    from nidl_dino.training import build_model
+    from nidl_dino.training.data import DINODataModule
+    from nidl_dino.training.devices import trainer_options
+    from nidl_dino.training.run import build_model
 
     views = {
         "global_size": setting["global"],
@@ -153,8 +153,8 @@ def train(paths: list[str], setting: dict, device: str, precision: str, folder: 
 
 
 def extract(model, paths: list[str], device: str, batch: int) -> dict:
-    from nidl_dino.features import extract_features
-    from nidl_dino.readout import DEFAULT_POOLING, feature_encoder
+    from nidl_dino.encoders.readout import DEFAULT_POOLING, feature_encoder
+    from nidl_dino.features.extract import extract_features
 
     encoder = feature_encoder(model.teacher.eval(), DEFAULT_POOLING)
     accelerator = "gpu" if device == "cuda" else "cpu"
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         setting["steps"] = args.steps
     try:
         if args.device == "cuda":
-            from nidl_dino.devices import check_gpu
+            from nidl_dino.training.devices import check_gpu
 
             check_gpu("gpu")
         else:

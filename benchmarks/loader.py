@@ -13,7 +13,7 @@ head-like phantom (benchmarks/training_speed.py's), page cache warm, median of `
   first epoch of any cache pays once);
 - read an uncompressed ``.nii``;
 - read the disk cache (``data.cache: disk``: an uncompressed ``.npy`` through a memory map,
-  :class:`~nidl_dino.volume_cache.NpyVolumeCache`);
+  :class:`~nidl_dino.training.volume_cache.NpyVolumeCache`);
 - a memory-cache hit (``data.cache: memory``: the tensor is already in RAM);
 - make the CPU views of one volume (2 x 96^3 + 6 x 48^3 with config.yaml's noise and blur).
 
@@ -76,8 +76,8 @@ def views_128() -> dict:
 def measure(folder: Path, size: int, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
     """Seconds per volume of each input path; seconds of the CPU views (per volume), of the
     collate and of the serial copy (per batch)."""
-    from nidl_dino.data import VolumeDataset
-    from nidl_dino.views import MultiCropTransform
+    from nidl_dino.training.data import VolumeDataset
+    from nidl_dino.views.crops import MultiCropTransform
 
     volume = phantom(size)
     gz, raw = folder / "sub-0_T1w.nii.gz", folder / "sub-0_T1w.nii"

@@ -17,9 +17,9 @@ Rows:
 - preprocessing (``nidl_dino.preprocessing.preprocess_scan``, default configuration) of one
   T1w-like 1 mm 256^3 head, built from nilearn's MNI152 template
   (:mod:`nidl_dino.preprocessing.phantom`) with a rotation, bias field and noise;
-- feature extraction (``nidl_dino.features.extract_features``) with ``small_cnn`` on 64^3 and
+- feature extraction (``nidl_dino.features.extract.extract_features``) with ``small_cnn`` on 64^3 and
   128^3 volumes, batches of 1 and 4 (two batches each, .nii.gz read by MONAI);
-- training (``nidl_dino.training.train_from_config``) at the demo configuration of
+- training (``nidl_dino.training.run.train_from_config``) at the demo configuration of
   ``config.yaml`` (small_cnn, 64^3 volumes, views 2 x 48^3 + 8 x 24^3, batch 8, one loader
   worker, memory cache, checkpoints and logs) for 3 optimizer steps.
 """
@@ -90,8 +90,8 @@ def _preprocess(params: dict, folder: Path) -> str:
 def _extract(params: dict, folder: Path) -> str:
     import numpy as np
 
-    from nidl_dino.encoders import build_encoder
-    from nidl_dino.features import extract_features
+    from nidl_dino.encoders.networks import build_encoder
+    from nidl_dino.features.extract import extract_features
 
     encoder = build_encoder("small_cnn").eval()
     features = extract_features(
@@ -105,7 +105,7 @@ def _extract(params: dict, folder: Path) -> str:
 def _train(params: dict, folder: Path) -> str:
     import yaml
 
-    from nidl_dino.training import train_from_config
+    from nidl_dino.training.run import train_from_config
 
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
     config["encoder"] = {"name": "small_cnn", "kwargs": {}}
@@ -138,14 +138,14 @@ def child(kind: str, params: dict, folder: str) -> dict:
         import lightning_fabric  # noqa: F401
         import monai.data  # noqa: F401
 
-        import nidl_dino.data  # noqa: F401
-        import nidl_dino.encoders  # noqa: F401
-        import nidl_dino.features  # noqa: F401
+        import nidl_dino.encoders.networks  # noqa: F401
+        import nidl_dino.features.extract  # noqa: F401
+        import nidl_dino.training.data  # noqa: F401
 
         if kind == "train":
             import matplotlib.pyplot  # noqa: F401  (training curves)
 
-            import nidl_dino.training  # noqa: F401
+            import nidl_dino.training.run  # noqa: F401
 
     imports_mb = _status_mb("VmRSS")
     reset = _reset_peak()

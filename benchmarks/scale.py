@@ -135,7 +135,7 @@ def part_dag(work: Path, sizes: list[int]) -> None:
 COHORT_CHILD = r"""
 import sys, time, resource
 sys.path.insert(0, sys.argv[1])
-from nidl_dino.cohort import build_cohort
+from nidl_dino.features.cohort import build_cohort
 start = time.perf_counter()
 n = build_cohort(sys.argv[2], sys.argv[3], {"bids_dir": sys.argv[4], "inputs": {}}, sys.argv[5], sys.argv[6])
 print(n, time.perf_counter() - start)
@@ -146,7 +146,7 @@ def part_cohort(work: Path, n: int = 10_000, dim: int = 480) -> None:
     import numpy as np
     import pandas as pd
 
-    from nidl_dino.cohort import feature_columns
+    from nidl_dino.features.cohort import feature_columns
 
     feats = work / "features"
     feats.mkdir(parents=True, exist_ok=True)
@@ -210,7 +210,7 @@ REPORT_CHILD = r"""
 import sys, time, json
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from nidl_dino.report import write_report
+from nidl_dino.evaluation.report import write_report
 work = Path(sys.argv[2])
 n = int(sys.argv[3])
 pngs = {f"sub-{i:05d}": work / "qc.png" for i in range(n)}
@@ -227,7 +227,7 @@ def part_report(work: Path, n: int = 10_000, dim: int = 480) -> None:
     import numpy as np
     import pandas as pd
 
-    from nidl_dino.cohort import feature_columns
+    from nidl_dino.features.cohort import feature_columns
 
     work.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

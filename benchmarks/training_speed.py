@@ -83,7 +83,7 @@ def write_phantoms(folder: Path, size: int, count: int) -> list[str]:
 
 
 def views_config(setting: dict) -> dict:
-    from nidl_dino.views import DEFAULT_VIEWS_CONFIG
+    from nidl_dino.views.crops import DEFAULT_VIEWS_CONFIG
 
     keys = ("global_size", "local_size", "num_local_crops")
     return {**DEFAULT_VIEWS_CONFIG, **{k: setting[k] for k in keys}}
@@ -91,8 +91,8 @@ def views_config(setting: dict) -> dict:
 
 def bench_views(setting: dict, folder: Path, repeats: int) -> list[dict]:
     """Views per second of one worker, from a cached volume and from a .nii.gz file."""
-    from nidl_dino.data import VolumeDataset
-    from nidl_dino.views import MultiCropTransform
+    from nidl_dino.training.data import VolumeDataset
+    from nidl_dino.views.crops import MultiCropTransform
 
     size = setting["volume"]
     n_views = 2 + setting["num_local_crops"]
@@ -128,8 +128,8 @@ def bench_device_views(setting: dict, device: str, batch: int, repeats: int) -> 
     On the CPU with tiny volumes the compute is negligible: the rate is the ceiling that the
     per-transform Python and kernel-launch overhead puts on the device path.
     """
-    from nidl_dino.device_views import DeviceViews
-    from nidl_dino.views import MultiCropTransform
+    from nidl_dino.views.crops import MultiCropTransform
+    from nidl_dino.views.device import DeviceViews
 
     device_views = DeviceViews(MultiCropTransform(**views_config(setting)))
     size = setting["volume"]
@@ -211,7 +211,7 @@ def make_dino(encoder, num_local_crops: int, max_steps: int, accelerator: str, c
 
 def one_encoder(name: str, device: str, setting: dict, steps: int) -> dict:
     """Run in a fresh process: steps/s and peak memory of DINO training with one encoder."""
-    from nidl_dino.encoders import build_encoder
+    from nidl_dino.encoders.networks import build_encoder
 
     g, loc, n_local, batch = (
         setting[k] for k in ("global_size", "local_size", "num_local_crops", "batch_size")
@@ -268,8 +268,8 @@ def bench_pipeline(
     device: str, setting: dict, folder: Path, workers: int, on_device: bool, steps: int
 ) -> dict:
     """Whole pipeline (NIfTI -> cached volumes -> views -> DINO step): steps/s and data wait."""
-    from nidl_dino.data import DINODataModule
-    from nidl_dino.encoders import build_encoder
+    from nidl_dino.encoders.networks import build_encoder
+    from nidl_dino.training.data import DINODataModule
 
     batch = setting["batch_size"]
     paths = write_phantoms(folder, setting["volume"], max(2 * batch, 8))

@@ -13,15 +13,15 @@ __all__ = ["DINO", "DINOLoss", "DINOProjectionHead"]
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "DINO": "nidl_dino.estimator",
-    "DINOProjectionHead": "nidl_dino.head",
-    "DINOLoss": "nidl_dino.loss",
+    "DINO": "nidl_dino.core.estimator",
+    "DINOProjectionHead": "nidl_dino.core.head",
+    "DINOLoss": "nidl_dino.core.loss",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from nidl_dino.estimator import DINO
-    from nidl_dino.head import DINOProjectionHead
-    from nidl_dino.loss import DINOLoss
+    from nidl_dino.core.estimator import DINO
+    from nidl_dino.core.head import DINOProjectionHead
+    from nidl_dino.core.loss import DINOLoss
 
 
 def __getattr__(name: str):

@@ -28,7 +28,7 @@ from typing import Any
 
 from nidl_dino.atomic import write_text_atomic
 from nidl_dino.errors import UserError
-from nidl_dino.layout import SPACE, Layout, card_beside
+from nidl_dino.workflow.layout import SPACE, Layout, card_beside
 
 #: Format of the model card JSON.
 CARD_FORMAT = "nidl-dino-model-card/1"
@@ -152,7 +152,7 @@ def read_teacher(path: str | os.PathLike) -> dict[str, Any]:
     """
     import torch
 
-    from nidl_dino.teacher import TEACHER_FORMAT, weights_digest
+    from nidl_dino.features.teacher import TEACHER_FORMAT, weights_digest
 
     path = Path(path)
     if not path.is_file():
@@ -382,13 +382,13 @@ def select_training_scans(
         train_on: None (every scan), a list of participant labels (``01`` or ``sub-01``), or
             participants.tsv column -> accepted values (a value or a list; compared as text).
         participants: participants.tsv as read by
-            :func:`nidl_dino.participants.read_participants` (needed for column filters).
+            :func:`nidl_dino.workflow.participants.read_participants` (needed for column filters).
         participants_file: its path, for messages.
 
     Raises:
         UserError: a column filter without participants.tsv, an unknown column, or no scan left.
     """
-    from nidl_dino.participants import normalise_participant_id
+    from nidl_dino.workflow.participants import normalise_participant_id
 
     ids = list(scans["scan_id"])
     if train_on is None or train_on == [] or train_on == {}:
@@ -477,8 +477,8 @@ def resolve_model(config: Mapping[str, Any], scans: Any, check: bool = True) -> 
         return {"teacher": None, "train_scans": None}
     participants = participants_file = None
     if isinstance(train_on, Mapping):
-        from nidl_dino.inputs import participants_tsv_path
-        from nidl_dino.participants import read_participants
+        from nidl_dino.workflow.inputs import participants_tsv_path
+        from nidl_dino.workflow.participants import read_participants
 
         participants_file = participants_tsv_path(config)
         if participants_file is not None:
@@ -493,7 +493,7 @@ def training_scan_volumes(qc: Any, layout: Layout, train_scans: Sequence[str] | 
     Returns:
         The volumes (paths of ``layout``) and their scan ids, in QC-table order.
     """
-    from nidl_dino.tables import ok_scans
+    from nidl_dino.workflow.tables import ok_scans
 
     ok = ok_scans(qc)
     if train_scans is not None:

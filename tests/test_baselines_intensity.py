@@ -1,4 +1,4 @@
-"""Intensity-histogram and tissue-class baselines (nidl_dino.baselines), and the brain histogram
+"""Intensity-histogram and tissue-class baselines (nidl_dino.evaluation.baselines), and the brain histogram
 the extract job computes, on volumes whose brain intensities are known by construction."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from torch import nn
 
-from nidl_dino.baselines import (
+from nidl_dino.evaluation.baselines import (
     HISTOGRAM_BINS,
     TISSUE_COLUMNS,
     intensity_histogram_features,
@@ -40,7 +40,7 @@ def _histogram_by_hand(values, bins):
 
 
 def test_extraction_pass_histograms_the_template_brain(tmp_path):
-    from nidl_dino.features import extract_feature_sets
+    from nidl_dino.features.extract import extract_feature_sets
 
     a, values_a = _volume(tmp_path, "a", [0.2, 0.5, 0.3], [0.1, 0.5, 0.85], sd=0.1, seed=1)
     b, values_b = _volume(tmp_path, "b", [0.4, 0.3, 0.3], [0.05, 0.6, 0.9], sd=0.1, seed=2)

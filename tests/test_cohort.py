@@ -1,11 +1,11 @@
-"""The cohort table (nidl_dino.cohort): one row per scan, joined on scan_id."""
+"""The cohort table (nidl_dino.features.cohort): one row per scan, joined on scan_id."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from nidl_dino.cohort import cohort_table, feature_columns, read_manifest_tables
+from nidl_dino.features.cohort import cohort_table, feature_columns, read_manifest_tables
 
 
 def _qc(rows):
@@ -91,7 +91,7 @@ def test_feature_tables_for_the_same_scan_twice_are_refused(tmp_path):
 
 
 def test_streamed_files_hold_the_same_rows_as_the_table_in_memory(tmp_path):
-    from nidl_dino.cohort import iter_cohort_chunks, write_cohort
+    from nidl_dino.features.cohort import iter_cohort_chunks, write_cohort
 
     n = 23
     rows, tables = [], []

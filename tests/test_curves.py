@@ -1,10 +1,10 @@
-"""Training curves (nidl_dino.curves): metrics of several (re)starts joined by step."""
+"""Training curves (nidl_dino.training.curves): metrics of several (re)starts joined by step."""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from nidl_dino.curves import plot_training_curves, read_metrics
+from nidl_dino.training.curves import plot_training_curves, read_metrics
 
 
 def _csv(path, rows):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from nidl_dino.data import DINODataModule, VolumeDataset, volume_loader
 from nidl_dino.errors import UserError
+from nidl_dino.training.data import DINODataModule, VolumeDataset, volume_loader
 
 torch.set_num_threads(1)
 
@@ -100,7 +100,7 @@ def test_disk_cache_reads_its_files_and_redoes_a_changed_source(volumes, tmp_pat
     import os
     import shutil
 
-    from nidl_dino.volume_cache import NpyVolumeCache
+    from nidl_dino.training.volume_cache import NpyVolumeCache
 
     paths, arrays = volumes
     source = tmp_path / "sub-00_T1w.nii.gz"
@@ -123,7 +123,7 @@ def test_disk_cache_reads_its_files_and_redoes_a_changed_source(volumes, tmp_pat
 
 
 def test_auto_cache_is_memory_when_the_cohort_fits_else_disk(volumes, tmp_path):
-    from nidl_dino.volume_cache import plan_volume_cache
+    from nidl_dino.training.volume_cache import plan_volume_cache
 
     paths, _ = volumes
     nbytes = 4 * int(np.prod(SHAPE)) * len(paths)
@@ -177,7 +177,7 @@ def test_cache_dir_expands_environment_variables(volumes, tmp_path, monkeypatch)
 def test_auto_workers_and_device_views(monkeypatch):
     import os
 
-    from nidl_dino.data import resolve_num_workers, resolve_views_on_device
+    from nidl_dino.training.data import resolve_num_workers, resolve_views_on_device
 
     assert resolve_num_workers("auto", threads=12) == 12
     assert resolve_num_workers("auto") == len(os.sched_getaffinity(0))
@@ -235,7 +235,7 @@ def test_views_on_device_turn_volume_batches_into_views(volumes):
 @pytest.mark.parametrize("views_on_device", [False, True])
 def test_dino_trains_end_to_end_on_the_datamodule(volumes, views_on_device):
     from nidl_dino import DINO
-    from nidl_dino.encoders import build_encoder
+    from nidl_dino.encoders.networks import build_encoder
 
     paths, _ = volumes
     dm = DINODataModule(

@@ -28,7 +28,7 @@ from nidl_dino.demo.variant import (
     get_variant,
 )
 from nidl_dino.errors import UserError
-from nidl_dino.workflow import ensure_demo_data
+from nidl_dino.workflow.setup import ensure_demo_data
 
 from workflow_helpers import REPO
 

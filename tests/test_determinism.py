@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from nidl_dino.features import extract_features
-from nidl_dino.layout import ScanFiles
-from nidl_dino.teacher import load_teacher
-from nidl_dino.training import train_from_config
+from nidl_dino.features.extract import extract_features
+from nidl_dino.features.teacher import load_teacher
+from nidl_dino.training.run import train_from_config
+from nidl_dino.workflow.layout import ScanFiles
 
 CONFIG = {
     "encoder": {"name": "small_cnn", "kwargs": {"channels": [4, 8, 8, 16]}},
@@ -102,7 +102,7 @@ def test_features_do_not_depend_on_the_number_of_loader_workers(volumes, tmp_pat
 
 
 def test_epoch_seeded_sampler_is_a_function_of_seed_and_epoch():
-    from nidl_dino.data import EpochSeededSampler
+    from nidl_dino.training.data import EpochSeededSampler
 
     def order(seed, epoch):
         sampler = EpochSeededSampler(10, seed, shuffle=True, epoch_fn=lambda: epoch)

@@ -15,10 +15,10 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from nidl_dino import DINO
-from nidl_dino.data import DINODataModule, VolumeBatch
-from nidl_dino.device_views import DeviceViews
-from nidl_dino.encoders import build_encoder
-from nidl_dino.views import MultiCropTransform
+from nidl_dino.encoders.networks import build_encoder
+from nidl_dino.training.data import DINODataModule, VolumeBatch
+from nidl_dino.views.crops import MultiCropTransform
+from nidl_dino.views.device import DeviceViews
 
 torch.set_num_threads(1)
 
@@ -243,7 +243,7 @@ def test_a_resumed_run_draws_and_ends_as_the_uninterrupted_run(paths, tmp_path):
 
 
 def test_device_views_change_the_resume_fingerprint_only_when_on():
-    from nidl_dino.training import training_fingerprint
+    from nidl_dino.training.run import training_fingerprint
 
     base = {"seed": 0, "data": {"batch_size": 2}}
     paths = ["a.nii", "b.nii"]

@@ -1,18 +1,18 @@
-"""Loud GPU failures and the device-dependent Trainer options (nidl_dino.devices)."""
+"""Loud GPU failures and the device-dependent Trainer options (nidl_dino.training.devices)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from nidl_dino.devices import (
+from nidl_dino.errors import UserError
+from nidl_dino.training.devices import (
     DEFAULT_LOG_EVERY_N_STEPS,
     allocated_gpus,
     check_gpu,
     device_count,
     trainer_options,
 )
-from nidl_dino.errors import UserError
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 
@@ -113,7 +113,7 @@ def test_device_count(devices, expected):
 
 @no_gpu
 def test_training_asked_for_a_gpu_stops_before_writing_anything(tmp_path, monkeypatch):
-    from nidl_dino.training import train_from_config
+    from nidl_dino.training.run import train_from_config
 
     monkeypatch.setenv("SLURM_JOB_GPUS", "0")
     config = {"trainer": {"accelerator": "auto"}, "seed": 0}

@@ -35,8 +35,8 @@ WORKER = textwrap.dedent(
     from pytorch_lightning.callbacks import Callback
 
     from nidl_dino import DINO
-    from nidl_dino.data import DINODataModule
-    from nidl_dino.encoders import build_encoder
+    from nidl_dino.training.data import DINODataModule
+    from nidl_dino.encoders.networks import build_encoder
 
     torch.set_num_threads(1)
     out, paths = Path(sys.argv[1]), sys.argv[2:]
@@ -104,7 +104,7 @@ TRAIN_WORKER = textwrap.dedent(
 
     import torch
 
-    from nidl_dino.training import train_from_config
+    from nidl_dino.training.run import train_from_config
 
     torch.set_num_threads(1)
     out, paths = Path(sys.argv[1]), sys.argv[2:]
@@ -264,7 +264,7 @@ def test_train_from_config_as_two_slurm_tasks(tmp_path):
 
 
 def test_ranks_agree_on_the_checkpoint_to_resume(tmp_path):
-    from nidl_dino.training import _resume_checkpoint_read_only, resume_checkpoint
+    from nidl_dino.training.run import _resume_checkpoint_read_only, resume_checkpoint
 
     ckpt = tmp_path / "checkpoints"
     assert resume_checkpoint(ckpt, "aaa") is None  # rank 0, fresh: creates the marker

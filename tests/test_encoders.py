@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from nidl_dino.encoders import ENCODERS, ViTEncoder, build_encoder, encoder_output_dim
+from nidl_dino.encoders.networks import ENCODERS, ViTEncoder, build_encoder, encoder_output_dim
 from nidl_dino.errors import UserError
 
 torch.set_num_threads(1)
@@ -121,7 +121,7 @@ def test_bad_specs_fail_early_with_one_clear_line(spec, image_size, words):
 
 
 def test_image_size_forms():
-    from nidl_dino.encoders import parse_image_sizes
+    from nidl_dino.encoders.networks import parse_image_sizes
 
     assert parse_image_sizes(None) == []
     assert parse_image_sizes(32) == [(32, 32, 32)]
@@ -210,7 +210,7 @@ STAGE_CASES = [
 def test_stage_pooling_joins_every_stage_and_ends_with_the_encoder_output(
     name, kwargs, channels, size
 ):
-    from nidl_dino.readout import feature_encoder, stage_outputs
+    from nidl_dino.encoders.readout import feature_encoder, stage_outputs
 
     torch.manual_seed(0)
     encoder = build_encoder({"name": name, "kwargs": kwargs}, image_size=size).eval()
@@ -234,7 +234,7 @@ def test_stage_pooling_joins_every_stage_and_ends_with_the_encoder_output(
 
 
 def test_small_cnn_stages_are_its_stride_two_maps():
-    from nidl_dino.readout import stage_outputs
+    from nidl_dino.encoders.readout import stage_outputs
 
     encoder = build_encoder({"name": "small_cnn", "kwargs": {"channels": [2, 3, 4]}}).eval()
     maps = stage_outputs(encoder, torch.randn(1, 1, 16, 16, 16))
@@ -242,7 +242,7 @@ def test_small_cnn_stages_are_its_stride_two_maps():
 
 
 def test_stage_pooling_of_an_unknown_module_says_what_to_do():
-    from nidl_dino.readout import feature_encoder
+    from nidl_dino.encoders.readout import feature_encoder
 
     class Plain(nn.Module):
         def __init__(self):
@@ -275,7 +275,7 @@ def test_stage_pooling_of_an_unknown_module_says_what_to_do():
 def test_stages_mean_std_puts_each_maps_spatial_std_first():
     import numpy as np
 
-    from nidl_dino.readout import feature_encoder, stage_outputs
+    from nidl_dino.encoders.readout import feature_encoder, stage_outputs
 
     torch.manual_seed(0)
     channels = [2, 3, 4]
@@ -298,7 +298,7 @@ def test_stages_mean_std_puts_each_maps_spatial_std_first():
 
 @needs_einops
 def test_stages_mean_std_of_a_vit_keeps_its_token_vectors_once():
-    from nidl_dino.readout import feature_encoder
+    from nidl_dino.encoders.readout import feature_encoder
 
     encoder = build_encoder({"name": "vit", "kwargs": {**TINY_VIT, "num_layers": 2}}, image_size=16)
     assert feature_encoder(encoder, "stages_mean_std").output_dim == 2 * 32
@@ -309,7 +309,7 @@ def test_default_pooling_is_config_yamls():
 
     import yaml
 
-    from nidl_dino.readout import DEFAULT_POOLING, POOLINGS
+    from nidl_dino.encoders.readout import DEFAULT_POOLING, POOLINGS
 
     config = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
     assert config["extract"]["pooling"] == DEFAULT_POOLING and DEFAULT_POOLING in POOLINGS

@@ -9,7 +9,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from nidl_dino import DINO, DINOLoss, DINOProjectionHead
-from nidl_dino.base import NotFittedError
+from nidl_dino.core.base import NotFittedError
 
 from dino_fixtures import SMALL_HEAD, FlattenLinear, RandomViews, TinyConv3d, views_loader
 

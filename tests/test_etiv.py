@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nidl_dino.cohort import cohort_table
 from nidl_dino.errors import UserError
+from nidl_dino.features.cohort import cohort_table
 from nidl_dino.preprocessing.config import merge_config
 from nidl_dino.preprocessing.registration import etiv_ml
 

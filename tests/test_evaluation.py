@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from nidl_dino.errors import UserError
-from nidl_dino.evaluation import _largest_pca
-from nidl_dino.layout import Layout
+from nidl_dino.evaluation.probing import _largest_pca
+from nidl_dino.workflow.layout import Layout
 
 
 @pytest.mark.parametrize("n, n_splits, inner", [(21, 5, 3), (200, 5, 3), (6, 2, 2), (4, 2, 2)])
@@ -30,8 +30,8 @@ def _cohort_with_teacher(tmp_path):
     import nibabel as nib
     import torch
 
-    from nidl_dino.encoders import build_encoder
-    from nidl_dino.teacher import save_teacher
+    from nidl_dino.encoders.networks import build_encoder
+    from nidl_dino.features.teacher import save_teacher
 
     rng = np.random.default_rng(0)
     scans = [f"sub-{i:02d}" for i in range(5)]
@@ -62,7 +62,7 @@ def _cohort_with_teacher(tmp_path):
 
 
 def _extract(tmp_path, qc, teacher, seed=0, pca_downsample=4, **extract):
-    from nidl_dino.features import extract_cohort
+    from nidl_dino.features.extract import extract_cohort
 
     config = {
         "trainer": {"accelerator": "cpu"},
@@ -79,11 +79,11 @@ def _extract(tmp_path, qc, teacher, seed=0, pca_downsample=4, **extract):
 
 
 def test_feature_sets_align_with_ok_rows_and_read_the_extract_jobs_tables(tmp_path):
-    from nidl_dino.baselines import downsampled_intensities
-    from nidl_dino.evaluation import feature_sets_for, random_encoder_like
-    from nidl_dino.features import extract_features
-    from nidl_dino.readout import feature_encoder
-    from nidl_dino.tables import ok_volumes
+    from nidl_dino.encoders.readout import feature_encoder
+    from nidl_dino.evaluation.baselines import downsampled_intensities
+    from nidl_dino.evaluation.probing import feature_sets_for, random_encoder_like
+    from nidl_dino.features.extract import extract_features
+    from nidl_dino.workflow.tables import ok_volumes
 
     cohort, qc, teacher, encoder = _cohort_with_teacher(tmp_path)
     # the extract job computes the baselines' inputs; the probes only read them
@@ -125,9 +125,9 @@ def test_random_encoder_baseline_is_the_trained_encoders_starting_point(tmp_path
     """encoder_seed (the workflow's seed) fixes the random weights; probes.seed does not."""
     import torch
 
-    from nidl_dino.encoders import build_encoder
-    from nidl_dino.evaluation import random_encoder_like
-    from nidl_dino.teacher import save_teacher
+    from nidl_dino.encoders.networks import build_encoder
+    from nidl_dino.evaluation.probing import random_encoder_like
+    from nidl_dino.features.teacher import save_teacher
 
     spec = {"name": "small_cnn", "kwargs": {}}
     teacher = tmp_path / "teacher.pt"
@@ -139,7 +139,7 @@ def test_random_encoder_baseline_is_the_trained_encoders_starting_point(tmp_path
 
 
 def test_probe_targets_uses_probes_seed_for_the_folds():
-    from nidl_dino.evaluation import probe_targets
+    from nidl_dino.evaluation.probing import probe_targets
 
     rng = np.random.default_rng(0)
     n = 40

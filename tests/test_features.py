@@ -1,4 +1,4 @@
-"""Feature extraction and per-scan tables (nidl_dino.features)."""
+"""Feature extraction and per-scan tables (nidl_dino.features.extract)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from nidl_dino.features import extract_features, write_subject_tables
+from nidl_dino.features.extract import extract_features, write_subject_tables
 
 
 class MeanAndMax(nn.Module):

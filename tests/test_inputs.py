@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from nidl_dino.errors import UserError
-from nidl_dino.inputs import (
+from nidl_dino.workflow.inputs import (
     discover_scans,
     participants_tsv_path,
     resolve_inputs_config,

@@ -1,4 +1,4 @@
-"""Workflow jobs (nidl_dino.jobs): one-line errors, and a batch of scans preprocessed in one job
+"""Workflow jobs (nidl_dino.workflow.jobs): one-line errors, and a batch of scans preprocessed in one job
 with each scan isolated in its own process."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nidl_dino import jobs
 from nidl_dino.errors import UserError
-from nidl_dino.layout import Layout
 from nidl_dino.preprocessing.phantom import scanner_affine, synthetic_scan
+from nidl_dino.workflow import jobs
+from nidl_dino.workflow.layout import Layout
 
 NO_REG = {"registration": {"enabled": False}, "resample": {"spacing_mm": 4.0}}
 

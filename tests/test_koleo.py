@@ -1,4 +1,4 @@
-"""KoLeo regulariser (nidl_dino.koleo) against the formula written here, and its use in DINO."""
+"""KoLeo regulariser (nidl_dino.core.koleo) against the formula written here, and its use in DINO."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from nidl_dino.koleo import koleo_loss
+from nidl_dino.core.koleo import koleo_loss
 
 
 def _by_hand(x: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""Where outputs live (nidl_dino.layout): BIDS-derivatives names, the brain mask, and no module
+"""Where outputs live (nidl_dino.workflow.layout): BIDS-derivatives names, the brain mask, and no module
 but the layout spelling a path below output_dir."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nidl_dino import layout as layout_module
 from nidl_dino.errors import UserError
-from nidl_dino.inputs import discover_scans
-from nidl_dino.layout import Layout, res_label, scan_sources
+from nidl_dino.workflow import layout as layout_module
+from nidl_dino.workflow.inputs import discover_scans
+from nidl_dino.workflow.layout import Layout, res_label, scan_sources
 
 from workflow_helpers import REPO, tiny_nifti
 
@@ -115,9 +115,9 @@ def test_workflow_files_and_the_template_name():
 
 
 def test_brain_mask_is_written_binary_on_the_volume_grid(tmp_path):
-    from nidl_dino.jobs import preprocess_batch
     from nidl_dino.preprocessing.phantom import scanner_affine, synthetic_scan
     from nidl_dino.preprocessing.template import BRAIN_THRESHOLD, template_on_grid
+    from nidl_dino.workflow.jobs import preprocess_batch
 
     shape = (48, 56, 48)
     affine = scanner_affine(shape, (4.0, 4.0, 4.0), "RAS")
@@ -154,8 +154,8 @@ OUTPUT_PATH = re.compile(
 )
 #: Prose for the user that names a file of the run (not a path being built).
 ALLOWED = {
-    ("nidl_dino/report.py", "The QC measures of the"),
-    ("nidl_dino/training.py", "qc/qc.tsv for the exclusion reasons"),
+    ("nidl_dino/evaluation/report.py", "The QC measures of the"),
+    ("nidl_dino/training/run.py", "qc/qc.tsv for the exclusion reasons"),
 }
 
 
@@ -203,7 +203,7 @@ def test_no_module_but_the_layout_builds_output_paths():
     offenders = [
         line
         for path in sources
-        if path != REPO / "nidl_dino" / "layout.py"
+        if path != REPO / "nidl_dino" / "workflow" / "layout.py"
         for line in _offenders(path, path.read_text(encoding="utf-8"))
     ]
     assert offenders == [], "\n".join(offenders)

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from nidl_dino.derivatives import BIDSIGNORE, dataset_description, write_derivatives_files
-from nidl_dino.encoders import build_encoder
+from nidl_dino.encoders.networks import build_encoder
 from nidl_dino.errors import UserError
+from nidl_dino.features.teacher import save_teacher
 from nidl_dino.model import (
     CARD_FORMAT,
     card_markdown,
@@ -25,7 +25,7 @@ from nidl_dino.model import (
     select_training_scans,
     training_card,
 )
-from nidl_dino.teacher import save_teacher
+from nidl_dino.workflow.derivatives import BIDSIGNORE, dataset_description, write_derivatives_files
 
 PREPROCESSING = {
     "resample": {"spacing_mm": 4.0, "fov_mm": [192.0, 192.0, 192.0]},
@@ -224,7 +224,7 @@ def check_bids_derivative_description(description: dict) -> None:
 
 
 def test_dataset_description_is_a_bids_derivatives_description(tmp_path):
-    from nidl_dino.derivatives import generated_by
+    from nidl_dino.workflow.derivatives import generated_by
 
     bids = tmp_path / "bids"
     bids.mkdir()

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from nidl_dino.errors import UserError
-from nidl_dino.participants import (
+from nidl_dino.workflow.participants import (
     merge_participants,
     missing_participants,
     read_participants,

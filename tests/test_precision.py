@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from nidl_dino import DINO, DINOLoss, DINOProjectionHead
 from nidl_dino.errors import UserError
-from nidl_dino.layout import Layout
-from nidl_dino.workflow import check_config
+from nidl_dino.workflow.layout import Layout
+from nidl_dino.workflow.setup import check_config
 
 from dino_fixtures import SMALL_HEAD, TinyConv3d, views_loader
 
@@ -183,7 +183,7 @@ def test_extraction_runs_float32_unless_asked_whatever_training_used(
     import numpy as np
     import pandas as pd
 
-    from nidl_dino import features
+    from nidl_dino.features import extract as features
 
     seen = {}
 
@@ -195,7 +195,9 @@ def test_extraction_runs_float32_unless_asked_whatever_training_used(
     monkeypatch.setattr(
         features, "load_teacher", lambda path: (torch.nn.Identity(), {"model_id": "m"})
     )
-    monkeypatch.setattr("nidl_dino.readout.feature_encoder", lambda encoder, pooling: encoder)
+    monkeypatch.setattr(
+        "nidl_dino.encoders.readout.feature_encoder", lambda encoder, pooling: encoder
+    )
     qc = pd.DataFrame(
         {"scan_id": ["sub-01"], "participant_id": ["sub-01"], "session_id": [""], "status": ["ok"]}
     )

@@ -10,14 +10,14 @@ import pandas as pd
 import pytest
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from nidl_dino.baselines import (
+from nidl_dino.errors import UserError
+from nidl_dino.evaluation.baselines import (
     block_average,
     brain_volume_feature,
     downsampled_intensities,
     intensity_pca_features,
 )
-from nidl_dino.errors import UserError
-from nidl_dino.probes import (
+from nidl_dino.evaluation.probes import (
     CHANCE,
     FeatureSet,
     format_probe_table,
@@ -472,7 +472,7 @@ def test_probe_table_formats_and_round_trips(tmp_path):
 
 
 def test_compare_to_baselines_pairs_the_folds_by_hand():
-    from nidl_dino.probes import compare_to_baselines
+    from nidl_dino.evaluation.probes import compare_to_baselines
 
     rows = []
     # regression: 3 folds of 2 rows; absolute errors per fold (dino, pca) chosen by hand
@@ -512,7 +512,7 @@ def test_compare_to_baselines_pairs_the_folds_by_hand():
 
 
 def test_compare_to_baselines_flags_a_clear_win():
-    from nidl_dino.probes import compare_to_baselines
+    from nidl_dino.evaluation.probes import compare_to_baselines
 
     rows = []
     for fold, (d, b) in enumerate([(1.0, 5.0), (1.5, 5.5), (2.0, 6.0)]):
@@ -528,7 +528,7 @@ def test_compare_to_baselines_flags_a_clear_win():
 
 
 def _comparison(gains, spreads, beats):
-    from nidl_dino.probes import COMPARISON_COLUMNS
+    from nidl_dino.evaluation.probes import COMPARISON_COLUMNS
 
     rows = []
     for gain, spread, beat in zip(gains, spreads, beats, strict=True):
@@ -539,7 +539,7 @@ def _comparison(gains, spreads, beats):
 
 
 def test_judgement_caveat_small_cohort_and_differences_within_the_spread():
-    from nidl_dino.probes import judgement_caveat
+    from nidl_dino.evaluation.probes import judgement_caveat
 
     big = _comparison([2.0, 0.1], [0.8, 0.8], [True, False])
     # 22 scans: too small whatever the numbers say

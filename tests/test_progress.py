@@ -1,4 +1,4 @@
-"""Training progress lines (nidl_dino.progress): one per epoch, with the numbers people need."""
+"""Training progress lines (nidl_dino.training.progress): one per epoch, with the numbers people need."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 from nidl_dino import DINO
-from nidl_dino.progress import EpochProgress, format_duration, quiet_lightning
+from nidl_dino.training.progress import EpochProgress, format_duration, quiet_lightning
 
 from dino_fixtures import SMALL_HEAD, TinyConv3d, views_loader
 

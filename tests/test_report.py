@@ -16,8 +16,8 @@ import pytest
 from matplotlib.figure import Figure
 
 from nidl_dino.errors import UserError
-from nidl_dino.layout import ScanFiles
-from nidl_dino.report import THUMBNAIL_WIDTH, write_report
+from nidl_dino.evaluation.report import THUMBNAIL_WIDTH, write_report
+from nidl_dino.workflow.layout import ScanFiles
 
 CHROMIUM = Path("/usr/bin/chromium")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -492,7 +492,7 @@ def test_small_cohort_is_flagged_as_too_small_to_judge(report):
 def test_page_stays_small_and_montage_pages_hold_every_scan(tmp_path):
     import matplotlib.image
 
-    from nidl_dino import report as rep
+    from nidl_dino.evaluation import report as rep
 
     picture = tmp_path / "qc.png"
     matplotlib.image.imsave(picture, np.random.default_rng(0).random((300, 900, 3)))
@@ -544,6 +544,6 @@ def test_page_stays_small_and_montage_pages_hold_every_scan(tmp_path):
 
 def test_page_size_is_bounded_whatever_the_cohort(tmp_path):
     # every inline tile costs about 20 kB: the cap, not the cohort, sets the size
-    from nidl_dino import report as rep
+    from nidl_dino.evaluation import report as rep
 
     assert (rep.MAX_EXCLUDED_TILES + rep.SAMPLE_OK_TILES) * 25_000 < 6e6

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nidl_dino.schedules import WarmupCosineLR, cosine_schedule, warmup_cosine_schedule
+from nidl_dino.core.schedules import WarmupCosineLR, cosine_schedule, warmup_cosine_schedule
 
 
 def test_cosine_schedule_first_middle_last():

@@ -85,9 +85,9 @@ def test_no_literal_default_for_a_config_key_in_the_package():
 
 
 def test_constants_are_the_schema_defaults():
-    from nidl_dino.inputs import INPUT_DEFAULTS
     from nidl_dino.preprocessing import DEFAULT_CONFIG
-    from nidl_dino.views import DEFAULT_VIEWS_CONFIG
+    from nidl_dino.views.crops import DEFAULT_VIEWS_CONFIG
+    from nidl_dino.workflow.inputs import INPUT_DEFAULTS
 
     assert DEFAULT_CONFIG == defaults("preprocessing")
     assert DEFAULT_VIEWS_CONFIG == defaults("views")

@@ -1,4 +1,4 @@
-"""QC table and layout helpers (nidl_dino.tables)."""
+"""QC table and layout helpers (nidl_dino.workflow.tables)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 
 import pandas as pd
 
-from nidl_dino.layout import Layout
-from nidl_dino.tables import (
+from nidl_dino.workflow.layout import Layout
+from nidl_dino.workflow.tables import (
     QC_LEADING_COLUMNS,
     ok_volumes,
     qc_table,

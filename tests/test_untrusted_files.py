@@ -20,9 +20,9 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from nidl_dino import DINO
-from nidl_dino.encoders import build_encoder
+from nidl_dino.encoders.networks import build_encoder
 from nidl_dino.errors import UserError
-from nidl_dino.teacher import TEACHER_FORMAT, load_teacher, save_teacher
+from nidl_dino.features.teacher import TEACHER_FORMAT, load_teacher, save_teacher
 
 from dino_fixtures import SMALL_HEAD, TinyConv3d, views_loader
 
@@ -117,7 +117,7 @@ def test_workflow_checkpoint_loads_weights_only(tmp_path):
     import nibabel as nib
     import numpy as np
 
-    from nidl_dino.training import train_from_config
+    from nidl_dino.training.run import train_from_config
 
     rng = np.random.default_rng(0)
     volumes = []

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nidl_dino.errors import UserError
-from nidl_dino.views import (
+from nidl_dino.views.crops import (
     DEFAULT_VIEWS_CONFIG,
     MultiCropTransform,
     RandBiasField3d,

@@ -283,7 +283,7 @@ def test_nested_command_line_values_get_the_schema_types(tmp_path, bids):
 
 
 def test_coerce_to_schema_by_hand():
-    from nidl_dino.workflow import coerce_to_schema
+    from nidl_dino.workflow.setup import coerce_to_schema
 
     schema = {
         "type": "object",
@@ -320,7 +320,7 @@ def test_coerce_to_schema_by_hand():
 def test_cluster_jobs_read_the_cached_scan_list_instead_of_the_tree(tmp_path):
     import shutil as _shutil
 
-    from nidl_dino.workflow import discover, scan_cache_path, write_scan_cache
+    from nidl_dino.workflow.setup import discover, scan_cache_path, write_scan_cache
 
     bids = tiny_bids(tmp_path / "bids", subjects=("01", "02", "03"))
     config = {"bids_dir": str(bids), "output_dir": str(tmp_path / "out"), "inputs": {}}
@@ -364,9 +364,9 @@ def test_a_dry_run_writes_nothing_a_run_writes_the_scan_cache(tmp_path, bids):
 
 def _teacher_for(path: Path, preprocessing: dict) -> Path:
     """A small teacher whose card records ``preprocessing`` (no training needed)."""
-    from nidl_dino.encoders import build_encoder
+    from nidl_dino.encoders.networks import build_encoder
+    from nidl_dino.features.teacher import save_teacher
     from nidl_dino.model import training_card
-    from nidl_dino.teacher import save_teacher
 
     spec = {"name": "small_cnn", "kwargs": {"channels": [4, 8]}}
     card = training_card({"preprocessing": preprocessing}, ["sub-01"], {})
@@ -433,7 +433,7 @@ def test_train_job_submits_one_task_per_device(devices, gpu, expected):
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
-    from nidl_dino.distributed import train_job_resources
+    from nidl_dino.training.distributed import train_job_resources
 
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["trainer"]["devices"] = devices
@@ -460,7 +460,7 @@ def test_train_job_submits_one_task_per_device(devices, gpu, expected):
 
 
 def test_cohort_wide_rules_ask_for_resources_that_grow_with_the_cohort(tmp_path):
-    from nidl_dino.workflow import AGGREGATE_RESOURCES, aggregate_resources
+    from nidl_dino.workflow.setup import AGGREGATE_RESOURCES, aggregate_resources
 
     for rule, formulas in AGGREGATE_RESOURCES.items():
         small, large = aggregate_resources(rule, 100), aggregate_resources(rule, 10_000)

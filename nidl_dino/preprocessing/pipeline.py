@@ -27,7 +27,6 @@ import nibabel as nib
 import numpy as np
 
 from nidl_dino.errors import ScanRejected
-from nidl_dino.layout import ScanFiles
 from nidl_dino.preprocessing.ants_bridge import write_ras_transform
 from nidl_dino.preprocessing.bias import n4_bias_field
 from nidl_dino.preprocessing.config import merge_config
@@ -57,6 +56,7 @@ from nidl_dino.preprocessing.resample import (
     resample_to_grid,
 )
 from nidl_dino.preprocessing.validate import describe_input, validate_image
+from nidl_dino.workflow.layout import ScanFiles
 
 TEMPLATE_NAME = "MNI152 ICBM 2009 T1, skull-stripped (nilearn.datasets.load_mni152_template)"
 
@@ -64,7 +64,7 @@ TEMPLATE_NAME = "MNI152 ICBM 2009 T1, skull-stripped (nilearn.datasets.load_mni1
 def output_paths(
     out_dir: str | os.PathLike, prefix: str, config: dict[str, Any] | None = None
 ) -> dict[str, Path]:
-    """The files of a scan in ``out_dir``, named by :class:`nidl_dino.layout.ScanFiles` after
+    """The files of a scan in ``out_dir``, named by :class:`nidl_dino.workflow.layout.ScanFiles` after
     ``prefix`` and the grid of ``config``: ``volume``, ``mask``, ``transform``, ``qc_json``,
     ``qc_png``."""
     files = ScanFiles(Path(out_dir), prefix, merge_config(config)["resample"]["spacing_mm"])
@@ -92,7 +92,7 @@ def preprocess_scan(
     """Preprocess one T1w scan into MNI space and write its outputs and QC record.
 
     Files written in ``out_dir`` (each atomically: temporary name, then rename), named by
-    :class:`nidl_dino.layout.ScanFiles` (``<space>`` the template, ``<r>`` the grid spacing):
+    :class:`nidl_dino.workflow.layout.ScanFiles` (``<space>`` the template, ``<r>`` the grid spacing):
 
     - ``<prefix>_space-<space>_res-<r>_desc-preproc_T1w.nii.gz``: float32 volume on the fixed
       MNI grid (sform and qform code MNI), normalised, masked unless ``mask.keep_head``;

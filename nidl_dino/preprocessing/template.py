@@ -4,7 +4,7 @@ nilearn's ``load_mni152_template`` is the skull-stripped ICBM152 2009 T1 templat
 [0, 1]; ``load_mni152_brain_mask`` thresholds it at 0.2. We load the 1 mm version once per
 process and derive the coarser versions from it by block averaging, which, unlike point
 resampling, does not alias. Its TemplateFlow name, ``MNI152NLin2009aSym``, names the space of
-the preprocessed files (:data:`nidl_dino.layout.SPACE`).
+the preprocessed files (:data:`nidl_dino.workflow.layout.SPACE`).
 """
 
 from __future__ import annotations

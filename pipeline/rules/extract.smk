@@ -4,7 +4,7 @@
 # under a given teacher (model.teacher) extracts only its new scans.
 # The same pass over the volumes, on the same device, writes the baselines' inputs that the
 # probe job reads (features/baselines/): random-weights encoder features, downsampled volumes.
-from nidl_dino.workflow import loader_threads
+from nidl_dino.workflow.setup import loader_threads
 
 
 rule extract:
@@ -33,7 +33,7 @@ rule extract:
         tasks_per_gpu=0,  # one process (see rule train)
     params:
         scans=SCANS[["scan_id", "participant_id", "session_id"]].to_dict("records"),
-        # the part of config.yaml extraction reads, in its shape (nidl_dino.features); the seed
+        # the part of config.yaml extraction reads, in its shape (nidl_dino.features.extract); the seed
         # gives the random-weights baseline DINO's own initial weights
         config=lambda wc: {
             "extract": config["extract"],

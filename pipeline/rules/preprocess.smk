@@ -2,7 +2,7 @@
 # imports and template grids once and preprocesses each scan in its own process. A rejected scan
 # is a QC record with status "excluded" and its reason, never a failed job, so one bad file cannot
 # stop the other subjects. A scan's outputs are in sub-<label>/[ses-<label>/]anat/ below
-# output_dir, named after its BIDS entities (nidl_dino/layout.py); the batch's declared output is
+# output_dir, named after its BIDS entities (nidl_dino/workflow/layout.py); the batch's declared output is
 # its table (scan_id, status, reason). A re-run skips the scans already done.
 
 

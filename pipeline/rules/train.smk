@@ -2,7 +2,7 @@
 # model.teacher is given. The teacher file records the preprocessing it expects (its model card). Checkpoints and logs go to model/work/, which is
 # not a declared output: Snakemake keeps it when a killed job is re-run, and training resumes
 # from model/work/checkpoints/last.ckpt.
-from nidl_dino.workflow import loader_threads
+from nidl_dino.workflow.setup import loader_threads
 
 
 rule train:
@@ -29,7 +29,7 @@ rule train:
             config["resources"]["train"].get("threads", 1),
         )
     # config.yaml's resources.train; with trainer.devices: N > 1, N tasks on one node
-    # (nidl_dino.distributed.train_job_resources)
+    # (nidl_dino.training.distributed.train_job_resources)
     resources:
         **train_job_resources(config),
     params:

@@ -4,8 +4,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))
 
-from nidl_dino.cohort import build_cohort
-from nidl_dino.jobs import job
+from nidl_dino.features.cohort import build_cohort
+from nidl_dino.workflow.jobs import job
 
 with job(snakemake.log[0], "cohort"):
     build_cohort(

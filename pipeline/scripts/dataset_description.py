@@ -4,9 +4,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))
 
-from nidl_dino.derivatives import dataset_description, write_derivatives_files
-from nidl_dino.jobs import job
-from nidl_dino.layout import Layout
+from nidl_dino.workflow.derivatives import dataset_description, write_derivatives_files
+from nidl_dino.workflow.jobs import job
+from nidl_dino.workflow.layout import Layout
 
 with job(snakemake.log[0], "dataset_description"):
     write_derivatives_files(

@@ -5,10 +5,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))
 
-from nidl_dino.features import extract_cohort
-from nidl_dino.jobs import job
-from nidl_dino.layout import Layout
-from nidl_dino.tables import read_qc_table
+from nidl_dino.features.extract import extract_cohort
+from nidl_dino.workflow.jobs import job
+from nidl_dino.workflow.layout import Layout
+from nidl_dino.workflow.tables import read_qc_table
 
 with job(snakemake.log[0], "extract"):
     layout = Layout(**snakemake.params.layout)

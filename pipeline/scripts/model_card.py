@@ -6,8 +6,8 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))
 
 import pandas as pd
 
-from nidl_dino.jobs import job
 from nidl_dino.model import model_card, write_card
+from nidl_dino.workflow.jobs import job
 
 with job(snakemake.log[0], "model_card"):
     scores = pd.read_csv(snakemake.input.scores, sep="\t")

@@ -11,9 +11,9 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))
 
 import pandas as pd
 
-from nidl_dino.jobs import job, preprocess_batch
-from nidl_dino.layout import Layout
-from nidl_dino.tables import write_table_atomic
+from nidl_dino.workflow.jobs import job, preprocess_batch
+from nidl_dino.workflow.layout import Layout
+from nidl_dino.workflow.tables import write_table_atomic
 
 with job(snakemake.log[0], "preprocess"):
     results = preprocess_batch(

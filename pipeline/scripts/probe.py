@@ -6,9 +6,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))
 
 import pandas as pd
 
-from nidl_dino.evaluation import evaluate_cohort
-from nidl_dino.jobs import job
-from nidl_dino.probes import (
+from nidl_dino.evaluation.probes import (
     COMPARISON_COLUMNS,
     compare_to_baselines,
     format_comparison_table,
@@ -16,7 +14,9 @@ from nidl_dino.probes import (
     judgement_caveat,
     write_probe_table,
 )
-from nidl_dino.tables import read_qc_table, write_table_atomic
+from nidl_dino.evaluation.probing import evaluate_cohort
+from nidl_dino.workflow.jobs import job
+from nidl_dino.workflow.tables import read_qc_table, write_table_atomic
 
 with job(snakemake.log[0], "probe") as log:
     scores, predictions, note = evaluate_cohort(

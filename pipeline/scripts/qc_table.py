@@ -7,9 +7,9 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))
 
 import pandas as pd
 
-from nidl_dino.jobs import job
-from nidl_dino.layout import Layout
-from nidl_dino.tables import qc_table, write_table_atomic
+from nidl_dino.workflow.jobs import job
+from nidl_dino.workflow.layout import Layout
+from nidl_dino.workflow.tables import qc_table, write_table_atomic
 
 with job(snakemake.log[0], "qc_table"):
     layout = Layout(**snakemake.params.layout)

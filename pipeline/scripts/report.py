@@ -4,10 +4,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))
 
-from nidl_dino.jobs import job
-from nidl_dino.layout import Layout
-from nidl_dino.report import write_report
-from nidl_dino.tables import read_qc_table
+from nidl_dino.evaluation.report import write_report
+from nidl_dino.workflow.jobs import job
+from nidl_dino.workflow.layout import Layout
+from nidl_dino.workflow.tables import read_qc_table
 
 with job(snakemake.log[0], "report"):
     layout = Layout(**snakemake.params.layout)

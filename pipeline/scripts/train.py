@@ -1,18 +1,18 @@
 # Train DINO on the scans that passed QC; resumes from model/work/checkpoints/last.ckpt.
 # With trainer.devices: N > 1 inside a SLURM job (profiles/slurm), the N ranks are started here
-# with srun, one per task of the job (nidl_dino.distributed).
+# with srun, one per task of the job (nidl_dino.training.distributed).
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))
 
-from nidl_dino.distributed import in_slurm_allocation, n_devices, rank_paths, run_ranks
-from nidl_dino.jobs import job
-from nidl_dino.layout import Layout
 from nidl_dino.model import training_scan_volumes
-from nidl_dino.tables import read_qc_table
-from nidl_dino.training import resume_checkpoint, train_from_config, training_fingerprint
+from nidl_dino.training.distributed import in_slurm_allocation, n_devices, rank_paths, run_ranks
+from nidl_dino.training.run import resume_checkpoint, train_from_config, training_fingerprint
+from nidl_dino.workflow.jobs import job
+from nidl_dino.workflow.layout import Layout
+from nidl_dino.workflow.tables import read_qc_table
 
 with job(snakemake.log[0], "train") as log:
     qc = read_qc_table(snakemake.input.qc)

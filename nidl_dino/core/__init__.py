@@ -1,0 +1,1 @@
+"""The DINO core: the estimator (nidl's API), projection head, loss, schedules, KoleO."""

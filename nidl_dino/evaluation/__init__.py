@@ -1,0 +1,1 @@
+"""Evaluation: baselines, cross-validated probes and the HTML report."""

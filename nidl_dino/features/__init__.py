@@ -1,0 +1,1 @@
+"""Features: the teacher file, extraction into per-scan tables, the cohort table."""

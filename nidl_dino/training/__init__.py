@@ -1,0 +1,1 @@
+"""Training from the config: data, volume cache, devices and ranks, progress, curves."""

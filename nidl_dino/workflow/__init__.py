@@ -1,0 +1,1 @@
+"""The seam with Snakemake: config checks, inputs, participants, layout, jobs, tables."""
