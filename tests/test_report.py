@@ -16,6 +16,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from nidl_dino.errors import UserError
+from nidl_dino.evaluation.probes import compare_to_baselines
 from nidl_dino.evaluation.report import THUMBNAIL_WIDTH, write_report
 from nidl_dino.workflow.layout import ScanFiles
 
@@ -152,6 +153,8 @@ def _make_inputs(folder: Path, *, site: bool = True, age: bool = True) -> dict:
                 )
     predictions = pd.DataFrame(predictions)
     predictions.to_csv(folder / "predictions.tsv", sep="\t", index=False)
+    # written by the probe job; the report reads it (the numbers are checked from the predictions)
+    compare_to_baselines(predictions).to_csv(folder / "comparison.tsv", sep="\t", index=False)
 
     summary = {
         "model_id": "dino-small_cnn-0123456789ab",
@@ -175,6 +178,7 @@ def _make_inputs(folder: Path, *, site: bool = True, age: bool = True) -> dict:
         "curves_png": curves,
         "probe_scores_tsv": folder / "probe_scores.tsv",
         "predictions_tsv": folder / "predictions.tsv",
+        "comparison_tsv": folder / "comparison.tsv",
         "cohort_parquet": folder / "cohort.parquet",
         "training_summary_json": folder / "training_summary.json",
         "config": config,
@@ -547,3 +551,19 @@ def test_page_size_is_bounded_whatever_the_cohort(tmp_path):
     from nidl_dino.evaluation import report as rep
 
     assert (rep.MAX_EXCLUDED_TILES + rep.SAMPLE_OK_TILES) * 25_000 < 6e6
+
+
+def test_comparison_is_read_from_the_probe_jobs_table_not_recomputed(tmp_path):
+    inputs = _make_inputs(tmp_path / "inputs")
+    comparison = pd.read_csv(inputs["comparison_tsv"], sep="\t")
+    first = comparison.index[0]
+    comparison.loc[first, ["gain_mean", "gain_std"]] = [12.5, 0.25]  # not what the folds give
+    comparison.to_csv(inputs["comparison_tsv"], sep="\t", index=False)
+    out = tmp_path / "report.html"
+    write_report(out, **inputs)
+    rows = _parse(out).tables["comparison-table"]
+    shown = {
+        (r["cells"][0]["text"], r["cells"][2]["text"]): r["cells"][3]["text"] for r in rows[1:]
+    }
+    key = (comparison.loc[first, "target"], comparison.loc[first, "baseline"])
+    assert shown[key] == "+12.50 ± 0.25"

@@ -38,11 +38,9 @@ import base64
 import datetime
 import hashlib
 import html
-import io
 import json
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,22 +50,21 @@ import pandas as pd
 
 from nidl_dino.atomic import write_text_atomic
 from nidl_dino.errors import UserError
-from nidl_dino.evaluation.probes import (
-    METRIC_LABELS,
-    compare_to_baselines,
-    format_gain,
-    judgement_caveat,
+from nidl_dino.evaluation.figures import (
+    DINO,
+    THUMBNAIL_WIDTH,
+    embedding_figure,
+    feature_names,
+    pca_embedding,
+    png_bytes,
+    predicted_vs_true,
+    thumbnail,
 )
+from nidl_dino.evaluation.probes import METRIC_LABELS, format_gain, judgement_caveat
 from nidl_dino.workflow.tables import read_qc_table
 
 log = logging.getLogger(__name__)
 
-#: Feature set shown first and highlighted in the probe table and the scatter.
-DINO = "dino"
-#: Width in pixels of the QC thumbnails in the montage (the QC pictures are 900 pixels wide).
-THUMBNAIL_WIDTH = 360
-#: Intensity levels per colour channel kept in the thumbnails (fewer levels, smaller PNGs).
-THUMBNAIL_LEVELS = 32
 #: Inline QC thumbnails on the page, whatever the cohort size (each costs about 20 kB): every
 #: excluded scan up to this many, then a sample of the scans that passed QC.
 MAX_EXCLUDED_TILES = 150
@@ -95,7 +92,6 @@ CONFIG_KEYS: tuple[tuple[str, str], ...] = (
     ("BIDS dataset", "bids_dir"),
 )
 
-_FEATURE_COLUMN = re.compile(r"^feature_\d+$")
 _PROBE_COLUMNS = ("feature_set", "target", "metric", "mean", "std")
 _PREDICTION_COLUMNS = ("feature_set", "target", "task", "y_true", "y_pred")
 
@@ -158,6 +154,7 @@ def write_report(
     curves_png: str | os.PathLike | None = None,
     probe_scores_tsv: str | os.PathLike | None = None,
     predictions_tsv: str | os.PathLike | None = None,
+    comparison_tsv: str | os.PathLike | None = None,
     cohort_parquet: str | os.PathLike | None = None,
     training_summary_json: str | os.PathLike | None = None,
     config: Mapping[str, Any] | None = None,
@@ -183,6 +180,8 @@ def write_report(
         probe_scores_tsv: Probe scores (:func:`nidl_dino.evaluation.probes.write_probe_table`).
         predictions_tsv: Out-of-fold probe predictions (``run_probes(...,
             return_predictions=True)``), one row per feature set x target x repeat x test row.
+        comparison_tsv: DINO against each baseline on the same folds, as the probe job wrote it
+            (:func:`nidl_dino.evaluation.probes.compare_to_baselines`); read, not recomputed.
         cohort_parquet: Cohort table, one row per scan: ids, ``status``, participants columns
             (``age``, ``site``...), ``model_id``, ``feature_0000``... (NaN when excluded).
         training_summary_json: Training summary (``model_id``, ``global_step``, ``epochs``,
@@ -206,9 +205,10 @@ def write_report(
     if predictions is not None:
         _require_columns(predictions, _PREDICTION_COLUMNS, predictions_tsv)
     cohort, cohort_note = _read_optional(cohort_parquet, "cohort table", pd.read_parquet)
+    comparison, _ = _read_optional(comparison_tsv, "comparison", _read_tsv)
 
     sections = [
-        ("probes", "Linear probes", _probe_section(scores, scores_note, predictions)),
+        ("probes", "Linear probes", _probe_section(scores, scores_note, predictions, comparison)),
         ("scatter", "Predicted versus true", _scatter_section(predictions, predictions_note)),
         ("embedding", "Feature embedding", _embedding_section(cohort, cohort_note)),
         ("training", "Training curves", _curves_section(curves_png)),
@@ -322,62 +322,6 @@ def _probe_design(scores: pd.DataFrame) -> str:
         samples = scores.groupby("target", sort=False)["n_samples"].max().dropna()
         parts += [f"{int(n)} scans with {target}" for target, n in samples.items()]
     return html.escape(" " + "; ".join(parts) + ".") if parts else ""
-
-
-def averaged_predictions(predictions: pd.DataFrame, target: str) -> pd.DataFrame:
-    """Out-of-fold predictions of one target, averaged over repeats per feature set and scan.
-
-    A scan is identified by ``participant_id`` and ``session_id`` when present, else by
-    ``row`` (the cohort table's index label).
-
-    Args:
-        predictions: Long-form predictions with ``feature_set``, ``target``, ``y_true``,
-            ``y_pred`` and the id columns.
-        target: Target to keep.
-
-    Returns:
-        One row per feature set and scan with ``feature_set``, the id columns, ``y_true`` and
-        ``y_pred`` (mean over repeats), in order of first appearance.
-    """
-    rows = predictions[predictions["target"] == target]
-    ids = [c for c in ("participant_id", "session_id") if c in rows.columns] or ["row"]
-    grouped = rows.groupby(["feature_set", *ids], sort=False, dropna=False)
-    return grouped.agg(y_true=("y_true", "first"), y_pred=("y_pred", "mean")).reset_index()
-
-
-def pca_embedding(cohort: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    """2D PCA of the standardised features of the scans that passed QC.
-
-    Args:
-        cohort: Cohort table with ``feature_*`` columns and optionally ``status``.
-
-    Returns:
-        ``(rows, xy, explained)``: the rows used (``status == "ok"`` when the column exists,
-        with finite features), their coordinates of shape (n_rows, 2), and the fraction of
-        variance explained by each axis, shape (2,).
-
-    Raises:
-        UserError: No ``feature_*`` columns, fewer than 2 feature columns, or fewer than 3 rows.
-    """
-    from sklearn.decomposition import PCA
-    from sklearn.preprocessing import StandardScaler
-
-    columns = [c for c in cohort.columns if _FEATURE_COLUMN.match(str(c))]
-    if len(columns) < 2:
-        raise UserError(
-            f"cohort table: {len(columns)} feature_* column(s); an embedding needs at least 2"
-        )
-    rows = cohort
-    if "status" in rows.columns:
-        rows = rows[rows["status"] == "ok"]
-    X = rows[columns].to_numpy(dtype=float)
-    finite = np.isfinite(X).all(axis=1)
-    rows, X = rows[finite], X[finite]
-    if len(rows) < 3:
-        raise UserError(f"cohort table: {len(rows)} scan(s) with features; need at least 3")
-    pca = PCA(n_components=2, random_state=0)
-    xy = pca.fit_transform(StandardScaler().fit_transform(X))
-    return rows, xy, pca.explained_variance_ratio_
 
 
 # ---------------------------------------------------------------- reading inputs
@@ -519,20 +463,22 @@ def _card(heading: str, facts: Mapping[str, Any]) -> str:
 
 
 def _probe_section(
-    scores: pd.DataFrame | None, note: str | None, predictions: pd.DataFrame | None = None
+    scores: pd.DataFrame | None,
+    note: str | None,
+    predictions: pd.DataFrame | None = None,
+    comparison: pd.DataFrame | None = None,
 ) -> str:
     if scores is None:
         return _note(note)
     if scores.empty:
         return _note("The probe table is empty.")
     html_table = probe_table_html(scores)
-    if predictions is not None and len(predictions) and "task" in predictions.columns:
-        comparison = compare_to_baselines(predictions, reference=DINO)
-        if len(comparison):
-            html_table += "\n" + comparison_table_html(comparison)
+    if comparison is not None and len(comparison):
+        html_table += "\n" + comparison_table_html(comparison)
+    if predictions is not None and len(predictions) and comparison is not None:
         probed = predictions[predictions["feature_set"] == DINO]
-        id_columns = [c for c in ("participant_id", "session_id") if c in probed.columns]
-        n_scans = len(probed.drop_duplicates(id_columns)) if id_columns else probed["row"].nunique()
+        id_columns = ["row"] if "row" in probed.columns else ["participant_id", "session_id"]
+        n_scans = len(probed.drop_duplicates(id_columns))
         caveat = judgement_caveat(comparison, n_scans)
         if caveat:
             html_table = (
@@ -574,65 +520,10 @@ def comparison_table_html(comparison: pd.DataFrame) -> str:
 def _scatter_section(predictions: pd.DataFrame | None, note: str | None) -> str:
     if predictions is None:
         return _note(note)
-    regression = predictions[predictions["task"] == "regression"]
-    targets = list(dict.fromkeys(regression["target"]))
-    if not targets:
+    drawn = predicted_vs_true(predictions)
+    if drawn is None:
         return _note("No regression target was probed.")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.2 * len(targets), 5.0), dpi=100)
-    axes = fig.subplots(1, len(targets), squeeze=False)[0]
-    legends = []
-    for ax, target in zip(axes, targets, strict=True):
-        averaged = averaged_predictions(regression, target).dropna(subset=["y_true", "y_pred"])
-        mae = {
-            name: float(np.mean(np.abs(group["y_pred"] - group["y_true"])))
-            for name, group in averaged.groupby("feature_set", sort=False)
-        }
-        baselines = {name: value for name, value in mae.items() if name != DINO}
-        shown = [DINO] if DINO in mae else []
-        if baselines:
-            shown.append(min(baselines, key=baselines.get))
-        true_values = averaged["y_true"]
-        low, high = float(true_values.min()), float(true_values.max())
-        for name, color, marker in zip(shown, ("#1f5fae", "#e07b00"), ("o", "s"), strict=False):
-            group = averaged[averaged["feature_set"] == name]
-            label = f"{name} (MAE {mae[name]:.2f})"
-            if name != DINO:
-                label = f"best baseline: {label}"
-            ax.scatter(
-                group["y_true"],
-                group["y_pred"],
-                s=22,
-                alpha=0.75,
-                c=color,
-                marker=marker,
-                edgecolors="none",
-                label=label,
-            )
-            low = min(low, float(group["y_pred"].min()))
-            high = max(high, float(group["y_pred"].max()))
-        pad = 0.04 * (high - low or 1.0)
-        ax.plot(
-            [low - pad, high + pad],
-            [low - pad, high + pad],
-            ls="--",
-            c="0.5",
-            lw=1,
-            label="identity",
-        )
-        ax.set_xlim(low - pad, high + pad)
-        ax.set_ylim(low - pad, high + pad)
-        ax.set_aspect("equal")
-        ax.set_xlabel(f"true {target}")
-        ax.set_ylabel(f"predicted {target}")
-        ax.set_title(f"{target}: out-of-fold predictions")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper left", fontsize=9)
-        legends.append(
-            f"{target}: " + ", ".join(f"{name} MAE {value:.2f}" for name, value in mae.items())
-        )
-    fig.tight_layout()
+    fig, targets, legends = drawn
     n_repeats = int(predictions["repeat"].nunique()) if "repeat" in predictions.columns else 1
     caption = (
         f"Each point is a scan predicted while held out, averaged over {n_repeats} repeat(s). "
@@ -649,53 +540,8 @@ def _embedding_section(cohort: pd.DataFrame | None, note: str | None) -> str:
         rows, xy, explained = pca_embedding(cohort)
     except UserError as err:
         return _note(f"No embedding: {err}")
-    from matplotlib.figure import Figure
-
-    notes = []
-    panels = []
-    if "age" in rows.columns and pd.to_numeric(rows["age"], errors="coerce").notna().any():
-        panels.append("age")
-    else:
-        notes.append("No age panel: the cohort table has no 'age' values.")
-    if "site" in rows.columns and rows["site"].notna().any():
-        panels.append("site")
-    else:
-        notes.append("No site panel: the cohort table has no 'site' values.")
-    shown = panels or [None]
-    fig = Figure(figsize=(6.2 * len(shown), 5.0), dpi=100)
-    axes = fig.subplots(1, len(shown), squeeze=False)[0]
-    for ax, panel in zip(axes, shown, strict=True):
-        if panel == "age":
-            age = pd.to_numeric(rows["age"], errors="coerce").to_numpy(dtype=float)
-            known = np.isfinite(age)
-            if (~known).any():
-                ax.scatter(*xy[~known].T, s=20, c="0.7", label="no age")
-                ax.legend(loc="best", fontsize=9)
-            points = ax.scatter(*xy[known].T, s=24, c=age[known], cmap="viridis", edgecolors="none")
-            fig.colorbar(points, ax=ax, label="age")
-            ax.set_title("coloured by age")
-        elif panel == "site":
-            site = rows["site"].astype("string").fillna("n/a").to_numpy()
-            names = sorted(set(site))
-            cmap = _categorical_colors(len(names))
-            for i, name in enumerate(names):
-                ax.scatter(*xy[site == name].T, s=24, color=cmap[i], edgecolors="none", label=name)
-            ax.legend(
-                title="site",
-                loc="center left",
-                bbox_to_anchor=(1.01, 0.5),
-                fontsize=9,
-                ncols=1 if len(names) <= 16 else 2,
-            )
-            ax.set_title("coloured by site")
-        else:
-            ax.scatter(*xy.T, s=24, c="#1f5fae", edgecolors="none")
-            ax.set_title("scans")
-        ax.set_xlabel(f"PC1 ({100 * explained[0]:.1f}% of variance)")
-        ax.set_ylabel(f"PC2 ({100 * explained[1]:.1f}% of variance)")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    n_features = sum(bool(_FEATURE_COLUMN.match(str(c))) for c in cohort.columns)
+    fig, notes = embedding_figure(rows, xy, explained)
+    n_features = len(feature_names(cohort))
     caption = (
         f"PCA of the standardised features ({n_features} per scan) of the {len(rows)} scans "
         "that passed QC, first two components (PCA rather than t-SNE: deterministic, and "
@@ -815,7 +661,7 @@ def _montage_section(
         scan, status = str(record["scan_id"]), str(record["status"])
         path = qc_pngs.get(scan)
         if path is not None and Path(path).is_file():
-            picture = f'<img alt="QC of {html.escape(scan)}" src="{_png_uri(_thumbnail(path))}">'
+            picture = f'<img alt="QC of {html.escape(scan)}" src="{_png_uri(thumbnail(path))}">'
         else:
             picture = '<div class="missing">no QC picture</div>'
         tiles.append(_tile(scan, status, str(record["reason"]) if status != "ok" else "", picture))
@@ -906,50 +752,9 @@ def write_montage_pages(
 # ---------------------------------------------------------------- pictures and small pieces
 
 
-def _thumbnail(path: str | os.PathLike) -> bytes:
-    """A QC picture shrunk to at most :data:`THUMBNAIL_WIDTH` pixels wide, as PNG bytes."""
-    import matplotlib.image
-
-    image = np.asarray(matplotlib.image.imread(path), dtype=np.float32)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    image = image[..., :3]
-    height, width = image.shape[:2]
-    if width > THUMBNAIL_WIDTH:
-        new_width = THUMBNAIL_WIDTH
-        new_height = max(1, round(height * new_width / width))
-        image = _area_average(image, new_height, new_width)
-    levels = THUMBNAIL_LEVELS - 1
-    image = np.round(np.clip(image, 0.0, 1.0) * levels) / levels
-    buffer = io.BytesIO()
-    matplotlib.image.imsave(buffer, image, format="png", metadata={"Software": None})
-    return buffer.getvalue()
-
-
-def _area_average(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Shrink (H, W, C) to (height, width, C) by averaging the source pixels of each output pixel.
-
-    Averaging over the covered block, unlike sampling, does not alias the thin template outline.
-    """
-    rows = np.floor(np.arange(height) * image.shape[0] / height).astype(int)
-    cols = np.floor(np.arange(width) * image.shape[1] / width).astype(int)
-    summed = np.add.reduceat(np.add.reduceat(image, rows, axis=0), cols, axis=1)
-    counts = np.outer(np.diff([*rows, image.shape[0]]), np.diff([*cols, image.shape[1]]))
-    return summed / counts[..., None]
-
-
-def _categorical_colors(n: int) -> list[tuple[float, ...]]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
-
-
 def _figure(fig: Any, alt: str, caption: str) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
     return (
-        f'<figure class="plot"><img alt="{html.escape(alt)}" src="{_png_uri(buffer.getvalue())}">'
+        f'<figure class="plot"><img alt="{html.escape(alt)}" src="{_png_uri(png_bytes(fig))}">'
         f'<figcaption class="caption">{html.escape(caption)}</figcaption></figure>'
     )
 
@@ -978,9 +783,7 @@ def _format_number(value: Any) -> str:
 __all__ = [
     "DINO",
     "THUMBNAIL_WIDTH",
-    "averaged_predictions",
     "comparison_table_html",
-    "pca_embedding",
     "probe_table_html",
     "write_report",
 ]

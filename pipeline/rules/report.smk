@@ -18,6 +18,7 @@ rule report:
         scores=LAYOUT.probe_scores,
         card=LAYOUT.model_card_md,
         predictions=LAYOUT.probe_predictions,
+        comparison=LAYOUT.probe_comparison,
         cohort=LAYOUT.cohort_parquet,
     output:
         html=report(

@@ -23,6 +23,7 @@ with job(snakemake.log[0], "report"):
         curves_png=snakemake.input.get("curves"),
         probe_scores_tsv=snakemake.input.scores,
         predictions_tsv=snakemake.input.predictions,
+        comparison_tsv=snakemake.input.comparison,
         cohort_parquet=snakemake.input.cohort,
         training_summary_json=snakemake.input.get("summary"),
         model_card_md=snakemake.input.card,
