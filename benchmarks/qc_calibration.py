@@ -13,7 +13,7 @@ false-exclusion / false-acceptance rates at the chosen thresholds::
 current config to saved rows without registering again.)
 
 Good registrations: every valid scan of demo cohorts (``make_demo_dataset``, several seeds) and
-the real-head acquisitions of ``tests/test_real_head.py`` (where mricron-data can be had), each
+the real-head acquisitions of ``tests/preprocessing/test_real_head.py`` (where mricron-data can be had), each
 registered as :func:`~nidl_dino.preprocessing.preprocess_scan` does (same steps, same config).
 Wrong ones, without re-registering: the found transform ``T`` (template -> subject) composed
 with a perturbation ``P`` in template space, ``T @ P``: a rotation by 3, 5, 7 or 10 degrees
@@ -53,6 +53,7 @@ from pathlib import Path
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's nidl_dino
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "preprocessing"))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402

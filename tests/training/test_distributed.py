@@ -144,7 +144,7 @@ def ranks(tmp_path_factory) -> list[dict]:
         if not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_"))
         and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK")
     }
-    tests_dir = str(Path(__file__).parent)
+    tests_dir = str(Path(__file__).parents[1])
     env.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(free_port()),

@@ -471,7 +471,7 @@ def test_project_config_and_schema_agree_with_the_defaults():
     # stay in step with DEFAULT_CONFIG (skipped until then).
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     schema = yaml.safe_load((root / "nidl_dino" / "config.schema.yaml").read_text())
     section = schema.get("properties", {}).get("preprocessing", {})
     config = yaml.safe_load((root / "config.yaml").read_text()).get("preprocessing") or {}

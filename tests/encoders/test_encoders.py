@@ -311,5 +311,5 @@ def test_default_pooling_is_config_yamls():
 
     from nidl_dino.encoders.readout import DEFAULT_POOLING, POOLINGS
 
-    config = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())
+    config = yaml.safe_load((Path(__file__).parents[2] / "config.yaml").read_text())
     assert config["extract"]["pooling"] == DEFAULT_POOLING and DEFAULT_POOLING in POOLINGS

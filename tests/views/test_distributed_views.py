@@ -137,7 +137,7 @@ def clean_env() -> dict[str, str]:
         if not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_"))
         and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK")
     }
-    root = str(Path(__file__).parents[1])  # this checkout's nidl_dino
+    root = str(Path(__file__).parents[2])  # this checkout's nidl_dino
     env.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(free_port()),
