@@ -30,6 +30,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,25 +39,42 @@ from training_speed import StepTimer, phantom  # noqa: E402
 
 from nidl_dino.machine import describe_machine  # noqa: E402
 
-GPU_RECIPE = {"size": 128, "global": 96, "local": 48, "local_crops": 6, "batch": 8,
-              "subjects": 32, "steps": 300, "workers": 2}  # fmt: skip
+REPO = Path(__file__).resolve().parents[1]
+RECIPE_FILE = REPO / "profiles" / "gpu_recipe.yaml"
+
+
+def recipe_config() -> dict:
+    """config.yaml with the GPU recipe overlaid, as ``--configfile`` does (nested keys merge)."""
+    from nidl_dino.settings import with_defaults
+
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for key, value in over.items():
+            both = isinstance(value, dict) and isinstance(base.get(key), dict)
+            out[key] = merge(base[key], value) if both else value
+        return out
+
+    config = merge(
+        yaml.safe_load((REPO / "config.yaml").read_text()),
+        yaml.safe_load(RECIPE_FILE.read_text()),
+    )
+    return with_defaults(config)
+
+
+RECIPE = recipe_config()
+_SIZE = round(
+    RECIPE["preprocessing"]["resample"]["fov_mm"][0]
+    / RECIPE["preprocessing"]["resample"]["spacing_mm"]
+)
+GPU_RECIPE = {"size": _SIZE, "global": RECIPE["views"]["global_size"][0],
+              "local": RECIPE["views"]["local_size"][0],
+              "local_crops": RECIPE["views"]["num_local_crops"],
+              "batch": RECIPE["data"]["batch_size"], "subjects": 32, "steps": 300, "workers": 2}  # fmt: skip
 QUICK = {"size": 32, "global": 24, "local": 12, "local_crops": 2, "batch": 4,
          "subjects": 8, "steps": 8, "workers": 0}  # fmt: skip
-DINO_SETTINGS = {  # config.yaml's dino section
-    "proj_hidden_dim": 512,
-    "proj_bottleneck_dim": 128,
-    "proj_output_dim": 256,
-    "teacher_temperature": 0.01,
-    "warmup_teacher_temp": 0.01,
-    "warmup_teacher_temp_epochs": 0,
-    "base_lambda": 0.99,
-    "final_lambda": 0.999,
-    "clip_grad": 3.0,
-    "freeze_last_layer": 1,
-    "learning_rate": 0.002,
-    "weight_decay": 0.04,
-    "lr_scheduler_kwargs": {"warmup_epochs": 1, "min_lr": 1e-6},
-}
+#: The recipe's encoder and DINO settings (config.yaml's dino section; the recipe keeps it).
+ENCODER = RECIPE["encoder"]
+DINO_SETTINGS = dict(RECIPE["dino"])
 
 
 class CheckFailed(RuntimeError):
@@ -120,7 +138,7 @@ def train(paths: list[str], setting: dict, device: str, precision: str, folder: 
     accelerator = "gpu" if device == "cuda" else "cpu"
     options = trainer_options({"accelerator": accelerator, "devices": 1, "precision": precision})
     model = build_model(
-        {"encoder": {"name": "resnet18", "kwargs": {}}, "dino": DINO_SETTINGS, "seed": 0},
+        {"encoder": ENCODER, "dino": DINO_SETTINGS, "seed": 0},
         num_local_crops=dm.num_local_crops,
         image_sizes=dm.image_sizes,
         max_steps=setting["steps"],

@@ -182,18 +182,24 @@ def _resources_of(rule: str, stdout: str) -> dict:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
-def test_slurm_profile_dry_run_through_the_plugin(tmp_path, bids):
+def _slurm_dry_run(tmp_path, bids, *config, extra=()):
+    """``snakemake -n`` through the shipped SLURM profile (conda is an option the user adds)."""
     pytest.importorskip("snakemake_executor_plugin_slurm")
-    # the shipped profile as it is: conda is an option the user adds (--sdm conda)
-    res = snakemake(
+    return snakemake(
         tmp_path,
         "-n",
         "--profile",
         str(REPO / "profiles/slurm"),
+        *extra,
         "--config",
         f"bids_dir={bids}",
         "output_dir=o",
+        *config,
     )
+
+
+def test_slurm_profile_dry_run_through_the_plugin(tmp_path, bids):
+    res = _slurm_dry_run(tmp_path, bids)
     assert res.returncode == 0, res.stderr
     assert _jobs(res.stdout)["train"] == 1
     train = _resources_of("train", res.stdout)
@@ -203,15 +209,9 @@ def test_slurm_profile_dry_run_through_the_plugin(tmp_path, bids):
 
 def test_slurm_profile_overrides_keep_the_other_resources(tmp_path, bids):
     """One size changed with --config, the partitions with the documented flags: nothing lost."""
-    pytest.importorskip("snakemake_executor_plugin_slurm")
-    res = snakemake(
+    res = _slurm_dry_run(
         tmp_path,
-        "-n",
-        "--profile",
-        str(REPO / "profiles/slurm"),
-        "--config",
-        f"bids_dir={bids}",
-        "output_dir=o",
+        bids,
         'resources={"train": {"mem_mb": 3000}}',
         "--default-resources",
         "slurm_partition=debug",
@@ -225,6 +225,19 @@ def test_slurm_profile_overrides_keep_the_other_resources(tmp_path, bids):
     assert train["slurm_partition"] == "gpu2"
     assert _resources_of("extract", res.stdout)["mem_mb"] == "8000"
     assert _resources_of("preprocess", res.stdout)["slurm_partition"] == "debug"
+
+
+def test_gpu_recipe_overlay_dry_runs_through_the_slurm_profile(tmp_path, bids):
+    """profiles/gpu_recipe.yaml is a valid overlay (schema-checked) whose sizes reach the jobs."""
+    recipe = yaml.safe_load((REPO / "profiles/gpu_recipe.yaml").read_text())
+    res = _slurm_dry_run(
+        tmp_path, bids, extra=("--configfile", str(REPO / "profiles/gpu_recipe.yaml"))
+    )
+    assert res.returncode == 0, res.stderr
+    train = _resources_of("train", res.stdout)
+    assert train["mem_mb"] == str(recipe["resources"]["train"]["mem_mb"]) and train["gpu"] == "1"
+    extract = _resources_of("extract", res.stdout)
+    assert extract["mem_mb"] == str(recipe["resources"]["extract"]["mem_mb"])
 
 
 def test_local_profile_dry_runs_without_conda(tmp_path, bids):
