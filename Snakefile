@@ -29,8 +29,8 @@ from nidl_dino.settings import SCHEMA_PATH
 from nidl_dino.workflow.setup import (
     aggregate_resources,
     check_config,
+    demo_plan,
     discover,
-    ensure_demo_data,
     fail,
     preprocess_batches,
     write_scan_cache,
@@ -41,9 +41,11 @@ SCHEMA = str(SCHEMA_PATH)
 try:
     check_config(config, SCHEMA)  # one-line messages for the user
     validate(config, SCHEMA)  # fills the schema's defaults
-    ensure_demo_data(config)
+    # the demo cohort (demo.*) when it is to be generated: a job writes it (demo_data rule), the
+    # DAG is planned on its scans, and a dry run writes nothing
+    DEMO = demo_plan(config)
     # a cluster job re-reads this file for its one job: it reads the cached scan list
-    SCANS = discover(config, reuse_cache=workflow.remote_exec)
+    SCANS = discover(config, reuse_cache=workflow.remote_exec, demo=DEMO)
     # model.teacher (apply a trained model: checked against this run's preprocessing now) or
     # model.train_on (the training scans); a cluster job trusts the main process's check
     MODEL = resolve_model(config, SCANS, check=not workflow.remote_exec)
@@ -80,6 +82,11 @@ onstart:
 wildcard_constraints:
     scan=scan_id_wildcard_constraint(),
     batch=r"batch-\d+",
+
+
+if DEMO is not None:
+
+    include: "pipeline/rules/demo.smk"
 
 
 include: "pipeline/rules/preprocess.smk"

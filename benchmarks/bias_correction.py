@@ -94,6 +94,7 @@ def real_heads() -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
 def generated_heads(n: int) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     from nidl_dino.demo import anatomy as anat
     from nidl_dino.demo import scanner
+    from nidl_dino.demo.variant import DEFAULT_VARIANT
 
     site = scanner.DEFAULT_SITES[0]
     clean_site = dataclasses.replace(site, dtype="float32", white_matter_value=1.0, noise=0.0)
@@ -103,10 +104,11 @@ def generated_heads(n: int) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarra
         rng = np.random.default_rng(1000 + seed)
         anatomy = anat.draw_anatomy(rng, "F" if seed % 2 else "M")
         age = float(rng.uniform(20, 80))
-        image = anat.template_intensity(anatomy, anat.tissue_maps(anatomy, age), age)
+        maps = anat.tissue_maps(anatomy, age, DEFAULT_VARIANT)
+        image = anat.template_intensity(anatomy, maps, age, DEFAULT_VARIANT)
         acq = scanner.Acquisition((0.0, 0.0, 0.0), (0.0, 0.0, 0.0), 1.0, (0.0,) * 9)
-        img = scanner.acquire(site, anatomy, acq, image, rng)
-        brain = scanner.acquire(clean_site, anatomy, acq, tpl.brain, rng)
+        img = scanner.acquire(site, anatomy, acq, image, rng, DEFAULT_VARIANT)
+        brain = scanner.acquire(clean_site, anatomy, acq, tpl.brain, rng, DEFAULT_VARIANT)
         data = np.asarray(img.get_fdata(dtype=np.float32))
         heads.append((f"demo seed {seed} (1.5 mm)", data, img.affine, brain.get_fdata() > 0.5))
     return heads

@@ -1,10 +1,10 @@
 """The package's import graph: no cycles and nothing imported from the workflow's ``pipeline/``
 folder (the package stands without the workflow).
 
-The graph is that of the imports run when a module is imported: its module-level statements
-(``if TYPE_CHECKING:`` blocks left out). Imports inside functions run later, when the module
-and what it imports are complete; a few use that on purpose (heavy or optional libraries, a
-default read from a module that imports this one).
+Two graphs are checked: the imports run when a module is imported (its module-level
+statements), and every import statement of the file, those inside functions included (a few
+modules import heavy or optional libraries lazily; a lazy import must not hide a cycle between
+our own modules either). ``if TYPE_CHECKING:`` blocks are left out of both: they never run.
 """
 
 from __future__ import annotations
@@ -38,14 +38,26 @@ def _module_level(body: list[ast.stmt]):
             yield node
 
 
+def _everywhere(tree: ast.Module):
+    """Every node of the file except those under ``if TYPE_CHECKING:``."""
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+        else:
+            stack.extend(ast.iter_child_nodes(node))
+
+
 def _imports(path: Path, modules: dict[str, Path], everywhere: bool = False) -> list[str]:
-    """Every module an import statement of the file names, at any depth of the file.
+    """Every module an import statement of the file names: at module level, or anywhere.
 
     ``from package import submodule`` names the submodule; ``from module import name`` the module.
     """
     names = []
     tree = ast.parse(path.read_text())
-    for node in ast.walk(tree) if everywhere else _module_level(tree.body):
+    for node in _everywhere(tree) if everywhere else _module_level(tree.body):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             for alias in node.names:
                 sub = f"{node.module}.{alias.name}"
@@ -55,10 +67,10 @@ def _imports(path: Path, modules: dict[str, Path], everywhere: bool = False) -> 
     return names
 
 
-def _graph() -> dict[str, set[str]]:
+def _graph(everywhere: bool = False) -> dict[str, set[str]]:
     mods = _modules()
     return {
-        name: {t for t in _imports(path, mods) if t in mods and t != name}
+        name: {t for t in _imports(path, mods, everywhere) if t in mods and t != name}
         for name, path in mods.items()
     }
 
@@ -95,6 +107,21 @@ def test_the_package_import_graph_has_no_cycle():
     graph = _graph()
     assert len(graph) > 30 and graph["nidl_dino.training.run"]  # the graph was read
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_no_cycle_through_imports_inside_functions_either():
+    graph = _graph(everywhere=True)
+    assert graph["nidl_dino.demo.dataset"] >= _graph()["nidl_dino.demo.dataset"]
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_type_checking_imports_are_left_out():
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nelse:\n    import b\n"
+        "def f():\n    import c\n"
+    )
+    found = {n.names[0].name for n in _everywhere(tree) if isinstance(n, ast.Import)}
+    assert found == {"b", "c"}
 
 
 def test_nothing_in_the_package_imports_the_workflow():

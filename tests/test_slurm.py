@@ -177,10 +177,10 @@ def test_demo_through_slurm_with_cancel_and_resume(cluster, tmp_path):
         n_steps = int(steps[-1].split(" of ")[1].split()[0])
         jobs = _jobs(workdir)
         done = [j for j in jobs if j["state"] == "COMPLETED"]
-        # every step is one sbatch job but the local rules: `all` (nothing to run) and the
-        # instant one the workflow declares in `localrules` (the log also holds the cancelled
-        # job's own output, where its step ran as a "localrule" inside its sbatch job)
-        local_rules = ("all", "dataset_description")
+        # every step is one sbatch job but the local rules: `all` (nothing to run) and those
+        # the workflow declares in `localrules` (the log also holds the cancelled job's own
+        # output, where its step ran as a "localrule" inside its sbatch job)
+        local_rules = ("all", "dataset_description", "demo_data")
         assert all(f"\nlocalrule {rule}:" in log for rule in local_rules)
         assert len(done) == n_steps - len(local_rules), (n_steps, jobs)
         assert all(j["comment"].startswith("rule_") for j in jobs)

@@ -104,6 +104,7 @@ from nidl_dino.demo.dataset import (
     BAD_KINDS,
     is_demo_dataset,
     make_demo_dataset,
+    planned_files,
     recorded_variant,
 )
 from nidl_dino.demo.scanner import DEFAULT_SITES, SiteProtocol
@@ -118,5 +119,6 @@ __all__ = [
     "get_variant",
     "is_demo_dataset",
     "make_demo_dataset",
+    "planned_files",
     "recorded_variant",
 ]

@@ -133,16 +133,6 @@ class Template:
         return float(self.brain.sum()) * self.voxel_ml
 
 
-def variant_or_default(variant: CohortVariant | None) -> CohortVariant:
-    """``variant``, or the default variant (today's demo) for None."""
-    if variant is not None:
-        return variant
-    # Imported here: nidl_dino.demo.variant takes its defaults from this module.
-    from nidl_dino.demo.variant import DEFAULT_VARIANT
-
-    return DEFAULT_VARIANT
-
-
 def _ventricle_mask(csf: np.ndarray, brain: np.ndarray) -> np.ndarray:
     """Lateral ventricles: the largest CSF component not connected to the outside of the brain."""
     fluid = (csf > 0.5) | ~brain
@@ -415,18 +405,17 @@ class TissueMaps:
     lesion_count: int = 0
 
 
-def tissue_maps(anatomy: Anatomy, age: float, variant: CohortVariant | None = None) -> TissueMaps:
+def tissue_maps(anatomy: Anatomy, age: float, variant: CohortVariant) -> TissueMaps:
     """Apply the age effects to the template's tissue maps.
 
     Args:
         anatomy: The subject's latent anatomy (with its lesions, if any).
         age: Age at the scan (years).
-        variant: The cohort variant (``ventricle_gain``, ``thinning_gain``); None: the default.
+        variant: The cohort variant (``ventricle_gain``, ``thinning_gain``).
 
     Returns:
         The edited :class:`TissueMaps` (template space, before head scaling and warps).
     """
-    variant = variant_or_default(variant)
     tpl = load_template()
     a = age_fraction(age)
     shape = tpl.brain.shape
@@ -481,25 +470,23 @@ def tissue_maps(anatomy: Anatomy, age: float, variant: CohortVariant | None = No
     )
 
 
-def gm_intensity(anatomy: Anatomy, age: float, variant: CohortVariant | None = None) -> float:
+def gm_intensity(anatomy: Anatomy, age: float, variant: CohortVariant) -> float:
     """Grey-matter T1w intensity relative to young white matter: rises with age (contrast loss).
 
     ``0.66 + gm_intensity_gain a + 0.025 z`` (``gm_intensity_gain`` of the variant, 0.06 by
     default).
     """
-    variant = variant_or_default(variant)
     a = age_fraction(age)
     return GM_INTENSITY + variant.gm_intensity_gain * a + GM_INTENSITY_SD * anatomy.z_contrast
 
 
-def wm_intensity(age: float, variant: CohortVariant | None = None) -> float:
+def wm_intensity(age: float, variant: CohortVariant) -> float:
     """White-matter T1w intensity relative to young white matter: ``1 - wm_intensity_gain a``."""
-    variant = variant_or_default(variant)
     return 1.0 - variant.wm_intensity_gain * age_fraction(age)
 
 
 def template_intensity(
-    anatomy: Anatomy, maps: TissueMaps, age: float, variant: CohortVariant | None = None
+    anatomy: Anatomy, maps: TissueMaps, age: float, variant: CohortVariant
 ) -> np.ndarray:
     """T1w-like image in template space (young white matter = 1), scalp and skull included.
 
@@ -508,12 +495,11 @@ def template_intensity(
         maps: Its tissue maps at this age.
         age: Age at the scan (years).
         variant: The cohort variant (age effects on intensity, lesion intensity; without skull
-            the image is 0 outside the brain mask). None: the default.
+            the image is 0 outside the brain mask).
 
     Returns:
         Intensity image, shape of the template grid, float32.
     """
-    variant = variant_or_default(variant)
     tpl = load_template()
     csf_value = CSF_INTENSITY + CSF_INTENSITY_SD * anatomy.z_csf
     wm_value = wm_intensity(age, variant)

@@ -146,13 +146,22 @@ def recorded_variant(path: Path) -> str | None:
         return "unknown"
 
 
+def _holds_files(path: Path) -> bool:
+    """Whether anything but (possibly nested) empty directories lies below ``path``."""
+    return any(not p.is_dir() or p.is_symlink() for p in path.rglob("*"))
+
+
 def _check_out_dir(out: Path) -> None:
-    """Refuse an ``out`` that exists and is neither an empty directory nor an earlier demo."""
+    """Refuse an ``out`` that exists and is neither empty nor an earlier demo.
+
+    Empty means no file at any depth: Snakemake makes the folders of a rule's declared outputs
+    (``sub-*/anat/``) before the job that writes the cohort runs.
+    """
     if not out.exists():
         return
     if not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose another output path")
-    if not is_demo_dataset(out) and any(out.iterdir()):
+    if not is_demo_dataset(out) and _holds_files(out):
         raise UserError(
             f"{out}: exists, is not empty and is not a nidl-dino demo dataset; "
             "choose a new or empty directory"
@@ -162,11 +171,46 @@ def _check_out_dir(out: Path) -> None:
 def _move_into_place(partial: Path, out: Path) -> None:
     """Replace ``out`` (absent, empty, or an earlier demo) by the finished ``partial`` tree."""
     if out.exists():
-        if is_demo_dataset(out):
+        if is_demo_dataset(out) or not _holds_files(out):
             shutil.rmtree(out)
-        else:
-            out.rmdir()
+        else:  # appeared since the check: never delete a user's files
+            raise UserError(f"{out}: files appeared there while the demo was written; not replaced")
     partial.rename(out)
+
+
+def scan_path(participant: str, session: str) -> Path:
+    """Where a demo scan lies below the dataset root: ``sub-*/[ses-*/]anat/<name>_T1w.nii.gz``."""
+    parts = [participant] + ([session] if session else [])
+    return Path(*parts, "anat", "_".join(parts) + "_T1w.nii.gz")
+
+
+def _session_ids(sessions: bool) -> list[str]:
+    return ["ses-01", "ses-02"] if sessions else [""]
+
+
+def planned_files(
+    n_subjects: int = 24,
+    seed: int = 0,
+    sessions: bool = False,
+    *,
+    variant: str | CohortVariant | None = None,
+) -> dict[str, list[str]]:
+    """The files :func:`make_demo_dataset` writes with these arguments, without writing them.
+
+    Cheap (the cohort design only, no image): the workflow plans its jobs on this list before
+    the job that generates the cohort runs, so a dry run writes nothing.
+
+    Returns:
+        ``scans``: the scans' paths relative to the dataset root, in the order written;
+        ``tables``: the dataset-level files (``dataset_description.json``, ``participants.tsv``).
+    """
+    cohort = design_cohort(n_subjects, seed, get_variant(variant).sites, 0, BAD_KINDS)
+    scans = [
+        scan_path(participant, session).as_posix()
+        for participant in cohort["participant_id"]
+        for session in _session_ids(sessions)
+    ]
+    return {"scans": scans, "tables": ["dataset_description.json", "participants.tsv"]}
 
 
 def _describe(
@@ -324,7 +368,7 @@ def _write_dataset(
         ages = [float(row.age)]
         if sessions:
             ages.append(round(ages[0] + subject_rng.uniform(*SESSION_GAP_YEARS), 1))
-        session_ids = [f"ses-{k + 1:02d}" for k in range(len(ages))] if sessions else [""]
+        session_ids = _session_ids(sessions)
         for k, (session, age) in enumerate(zip(session_ids, ages, strict=True)):
             defect = row.bad_scan if k == len(ages) - 1 else ""
             rng = _rng(seed, _SCAN, i, k)
@@ -365,8 +409,7 @@ def _write_scan(
     ``wm_intensity`` for variants whose white matter changes with age (the default has neither).
     """
     acq = scanner.draw_acquisition(rng, site, variant)
-    parts = [participant] + ([session] if session else [])
-    rel = Path(*parts, "anat", "_".join(parts) + "_T1w.nii.gz")
+    rel = scan_path(participant, session)
     maps = anat.tissue_maps(anatomy, age, variant)
     good = None
     if defect in ("", "truncated"):

@@ -118,14 +118,13 @@ class Acquisition:
 
 
 def draw_acquisition(
-    rng: np.random.Generator, site: SiteProtocol, variant: CohortVariant | None = None
+    rng: np.random.Generator, site: SiteProtocol, variant: CohortVariant
 ) -> Acquisition:
     """Draw one scan's pose, gain and bias field (in a fixed order from ``rng``).
 
     The bias coefficients have standard deviation ``site.bias * variant.bias_scale``; the same
     draws happen whatever the scale, so a variant changes the field and nothing else.
     """
-    variant = anat.variant_or_default(variant)
     rotation = rng.uniform(-ROTATION_MAX_DEG, ROTATION_MAX_DEG, 3)
     shift = rng.uniform(-SHIFT_MAX_MM, SHIFT_MAX_MM, 3)
     gain = np.exp(GAIN_LOG_SD * rng.standard_normal())
@@ -183,7 +182,7 @@ def acquire(
     acq: Acquisition,
     image: np.ndarray,
     rng: np.random.Generator,
-    variant: CohortVariant | None = None,
+    variant: CohortVariant,
 ) -> nib.Nifti1Image:
     """Simulate one scan of a subject at a site.
 
@@ -196,12 +195,11 @@ def acquire(
         rng: Generator for the noise.
         variant: The cohort variant (noise scale; without skull, the stored image is 0 outside
             the subject's brain mask: the template mask through the same warp, scale and pose,
-            linearly interpolated, above 1/2). None: the default.
+            linearly interpolated, above 1/2).
 
     Returns:
         The scan, with the site's datatype, qform and sform set (code 1, scanner).
     """
-    variant = anat.variant_or_default(variant)
     tpl = anat.load_template()
     shape, affine = site.grid()
     to_index = np.linalg.solve(tpl.affine, native_to_subject(site, anatomy, acq))

@@ -430,30 +430,66 @@ def _walk_bids(
                     anat_dirs.append((anat, ses_label))
         for anat, ses_label in anat_dirs:
             for entry in _scandir(anat):
-                stem = _strip_extension(entry.name, extensions)
-                if stem is None or not stem.endswith(f"_{suffix}") or entry.name.startswith("."):
-                    continue
-                match = _NAME_RE.fullmatch(stem)
-                if match is None:
-                    skipped.append(f"{entry.path} (not a BIDS file name)")
-                    continue
-                if match["sub"] != sub_label or (match["ses"] or "") != ses_label:
-                    skipped.append(f"{entry.path} (sub/ses in the name differ from its folders)")
-                    continue
                 broken = not entry.is_file()
                 if broken and not entry.is_symlink():
                     continue  # a folder named like a scan
-                scans.append(
-                    _Scan(
-                        participant_id=f"sub-{sub_label}",
-                        session_id=f"ses-{ses_label}" if ses_label else "",
-                        path=entry.path,
-                        entities=dict(_ENTITY_RE.findall(match["entities"])),
-                        where=entry.path,
-                        broken=broken,
-                    )
-                )
+                scan = _parse_scan_name(entry.path, sub_label, ses_label, suffix, extensions)
+                if isinstance(scan, str):
+                    skipped += [scan] if scan else []
+                else:
+                    scan.broken = broken
+                    scans.append(scan)
     return scans, skipped, n_subjects
+
+
+def _parse_scan_name(
+    path: str, sub_label: str, ses_label: str, suffix: str, extensions: tuple[str, ...]
+) -> _Scan | str:
+    """The scan a file of a ``sub-<sub_label>/[ses-<ses_label>/]anat/`` folder is.
+
+    Returns:
+        The scan; or why the file is skipped (``""``: not a scan of ``suffix`` at all).
+    """
+    name = os.path.basename(path)
+    stem = _strip_extension(name, extensions)
+    if stem is None or not stem.endswith(f"_{suffix}") or name.startswith("."):
+        return ""
+    match = _NAME_RE.fullmatch(stem)
+    if match is None:
+        return f"{path} (not a BIDS file name)"
+    if match["sub"] != sub_label or (match["ses"] or "") != ses_label:
+        return f"{path} (sub/ses in the name differ from its folders)"
+    return _Scan(
+        participant_id=f"sub-{sub_label}",
+        session_id=f"ses-{ses_label}" if ses_label else "",
+        path=path,
+        entities=dict(_ENTITY_RE.findall(match["entities"])),
+        where=path,
+    )
+
+
+def _planned_scans(
+    root: Path, planned: Iterable[str], suffix: str, extensions: tuple[str, ...]
+) -> list[_Scan]:
+    """The scans among files a job will write below ``root`` (paths relative to it).
+
+    Each path must be ``sub-*/[ses-*/]anat/<file>``, named as :func:`_walk_bids` expects.
+    """
+    scans = []
+    for rel in planned:
+        parts = Path(rel).parts
+        if len(parts) not in (3, 4) or parts[-2] != "anat" or not parts[0].startswith("sub-"):
+            raise ValueError(f"planned file {rel!r} is not sub-*/[ses-*/]anat/<file>")
+        ses_label = parts[1][len("ses-") :] if len(parts) == 4 else ""
+        scan = _parse_scan_name(
+            str(root / rel), parts[0][len("sub-") :], ses_label, suffix, extensions
+        )
+        if isinstance(scan, str):
+            if scan:
+                raise ValueError(f"planned file {rel!r} is not a valid scan name: {scan}")
+            continue
+        scans.append(scan)
+    return scans
 
 
 def _read_scans_tsv(path: Path, extensions: tuple[str, ...]) -> list[_Scan]:
@@ -611,12 +647,14 @@ def _scan_ids(group: list[_Scan], keys: list[str]) -> list[str]:
     ]
 
 
-def discover_scans(cfg: Mapping[str, Any]) -> pd.DataFrame:
+def discover_scans(cfg: Mapping[str, Any], planned: Iterable[str] | None = None) -> pd.DataFrame:
     """List the scans to process, one row per scan.
 
     Args:
         cfg: The workflow config (with its ``inputs`` section and top-level ``bids_dir``), or the
             ``inputs`` section with ``bids_dir`` added; see :data:`INPUT_DEFAULTS` for the keys.
+        planned: Instead of walking ``bids_dir``, the paths (relative to it) of the files a job
+            will write there (the demo cohort's rule); filters and scan ids as for a walk.
 
     Returns:
         Columns ``scan_id`` (unique; rule in the module docstring), ``participant_id``
@@ -634,7 +672,14 @@ def discover_scans(cfg: Mapping[str, Any]) -> pd.DataFrame:
             subject, session and entities (e.g. the same name as ``.nii`` and ``.nii.gz``).
     """
     settings = resolve_inputs_config(cfg)
-    if settings.bids_dir is not None:
+    if planned is not None:
+        if settings.bids_dir is None:
+            raise ValueError("planned files need a bids_dir to lie in")
+        scans = _planned_scans(settings.bids_dir, planned, settings.suffix, settings.extensions)
+        if not scans:
+            raise ValueError("no planned file is a scan")
+        source = f"the files planned for bids_dir {_q(settings.bids_dir)}"
+    elif settings.bids_dir is not None:
         root = settings.bids_dir
         if not root.exists():
             raise UserError(

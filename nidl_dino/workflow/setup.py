@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -160,14 +161,39 @@ def check_config(config: Mapping[str, Any], schema_path: str | os.PathLike) -> N
     )
 
 
-def ensure_demo_data(config: Mapping[str, Any]) -> bool:
-    """Generate the synthetic demo cohort when the config points at it and it is missing.
+@dataclass(frozen=True)
+class DemoPlan:
+    """The synthetic demo cohort a run will generate (a job of the workflow, not parse time).
+
+    Attributes:
+        bids_dir: Where it goes (``demo.bids_dir``), absolute.
+        scans: Its scans' paths relative to ``bids_dir``, as discovery will find them.
+        outputs: Every file the job declares (scans, ``dataset_description.json``,
+            ``participants.tsv``), absolute.
+        arguments: Keyword arguments of :func:`nidl_dino.demo.make_demo_dataset`.
+    """
+
+    bids_dir: str
+    scans: tuple[str, ...]
+    outputs: tuple[str, ...]
+    arguments: dict[str, Any]
+
+    @property
+    def description(self) -> str:
+        """Its ``dataset_description.json`` (the derivatives' ``SourceDatasets`` reads it)."""
+        return str(Path(self.bids_dir) / "dataset_description.json")
+
+
+def demo_plan(config: Mapping[str, Any]) -> DemoPlan | None:
+    """The demo cohort to generate, when the config points at it and it is missing.
 
     Only when ``demo.enabled`` is true and ``bids_dir`` is ``demo.bids_dir``: a user's own
-    ``bids_dir`` that does not exist is an error, never a place to write demo data.
+    ``bids_dir`` that does not exist is an error, never a place to write demo data. Nothing is
+    written here: the Snakefile plans the jobs on the planned scans and the ``demo_data`` rule
+    writes them, so ``snakemake -n`` leaves the disk as it was.
 
     Returns:
-        True if the cohort was generated now.
+        The plan, or None (no demo, or the demo is already there).
 
     Raises:
         UserError: ``demo.bids_dir`` holds a demo cohort of another ``demo.variant``.
@@ -175,11 +201,11 @@ def ensure_demo_data(config: Mapping[str, Any]) -> bool:
     demo = with_defaults(config.get("demo"), "demo")
     bids_dir = config.get("bids_dir")
     if not demo["enabled"] or not bids_dir:
-        return False
-    target = Path(demo["bids_dir"])
+        return None
+    target = Path(demo["bids_dir"]).absolute()
     if Path(bids_dir).resolve() != target.resolve():
-        return False
-    from nidl_dino.demo import make_demo_dataset, recorded_variant
+        return None
+    from nidl_dino.demo import planned_files, recorded_variant
 
     variant = str(demo["variant"])
     if (target / "participants.tsv").exists():
@@ -189,22 +215,24 @@ def ensure_demo_data(config: Mapping[str, Any]) -> bool:
                 f"{target}: holds the demo variant {found!r} but demo.variant is {variant!r}; "
                 "delete that folder (or set demo.bids_dir to a new one) to generate it"
             )
-        return False
-
-    print(
-        f"nidl-dino: generating the synthetic demo cohort in {target}"
-        f"{'' if variant == 'default' else f' (variant {variant})'} (first run only)",
-        file=sys.stderr,
+        return None
+    arguments = {
+        "n_subjects": int(demo["n_subjects"]),
+        "seed": int(demo["seed"]),
+        "sessions": bool(demo["sessions"]),
+        "n_bad": int(demo["n_bad"]),
+        "variant": variant,
+    }
+    files = planned_files(
+        arguments["n_subjects"], arguments["seed"], arguments["sessions"], variant=variant
     )
-    make_demo_dataset(
-        target,
-        n_subjects=int(demo["n_subjects"]),
-        seed=int(demo["seed"]),
-        sessions=bool(demo["sessions"]),
-        n_bad=int(demo["n_bad"]),
-        variant=variant,
+    root = Path(bids_dir).absolute()
+    return DemoPlan(
+        bids_dir=str(root),
+        scans=tuple(files["scans"]),
+        outputs=tuple(str(root / rel) for rel in files["tables"] + files["scans"]),
+        arguments=arguments,
     )
-    return True
 
 
 def scan_cache_path(config: Mapping[str, Any]) -> Path:
@@ -222,13 +250,14 @@ def scan_cache_path(config: Mapping[str, Any]) -> Path:
     return Layout(Path(str(config["output_dir"]))).scan_cache(digest)
 
 
-def discover(config: Mapping[str, Any], reuse_cache: bool = False):
+def discover(config: Mapping[str, Any], reuse_cache: bool = False, demo: DemoPlan | None = None):
     """The scans to process (see :func:`nidl_dino.workflow.inputs.discover_scans`), checked for use.
 
     The main Snakemake process walks the BIDS tree (new subjects are found), and caches the list
     when the run starts (:func:`write_scan_cache`, from the Snakefile's ``onstart``: a dry run
     writes nothing); with ``reuse_cache`` (a cluster job, which re-reads the Snakefile for its one
-    job) the cached list is read instead, so N jobs do not walk the tree N times.
+    job) the cached list is read instead, so N jobs do not walk the tree N times. With a ``demo``
+    to generate, its planned scans are listed instead of the (not yet written) tree.
     """
     import pandas as pd
 
@@ -237,7 +266,7 @@ def discover(config: Mapping[str, Any], reuse_cache: bool = False):
     cache = scan_cache_path(config)
     if reuse_cache and cache.is_file():
         return pd.read_csv(cache, sep="\t", dtype=str, keep_default_na=False)
-    scans = discover_scans(config)
+    scans = discover_scans(config, planned=demo.scans if demo is not None else None)
     output_dir = Path(str(config["output_dir"])).resolve()
     bids_dir = config.get("bids_dir")
     if bids_dir and Path(bids_dir).resolve() in (output_dir, *output_dir.parents):

@@ -7,6 +7,9 @@ localrules:
 
 
 rule dataset_description:
+    input:
+        # the source dataset's description (SourceDatasets), when a job generates it
+        [DEMO.description] if DEMO is not None else [],
     output:
         description=LAYOUT.dataset_description,
         bidsignore=LAYOUT.bidsignore,

@@ -15,6 +15,7 @@ from scipy import ndimage as ndi
 from nidl_dino.demo import BAD_KINDS, DEFAULT_SITES, make_demo_dataset
 from nidl_dino.demo import anatomy as anat
 from nidl_dino.demo.__main__ import main
+from nidl_dino.demo.variant import DEFAULT_VARIANT
 from nidl_dino.errors import UserError
 
 # Coarse copies of the default protocols: same orientations, datatypes and scales, 4x fewer voxels.
@@ -160,7 +161,7 @@ def test_bad_scans_are_invalid(default_demo, tmp_path):
 def test_age_effect_in_ground_truth_maps():
     rng = np.random.default_rng(0)
     person = anat.draw_anatomy(rng, "F")
-    maps = [anat.tissue_maps(person, age) for age in (20, 40, 60, 80)]
+    maps = [anat.tissue_maps(person, age, DEFAULT_VARIANT) for age in (20, 40, 60, 80)]
     vent = [m.vent_ml for m in maps]
     gm = [m.gm_ml for m in maps]
     assert all(np.diff(vent) > 0) and all(np.diff(gm) < 0)

@@ -28,7 +28,7 @@ from nidl_dino.demo.variant import (
     get_variant,
 )
 from nidl_dino.errors import UserError
-from nidl_dino.workflow.setup import ensure_demo_data
+from nidl_dino.workflow.setup import demo_plan
 
 from workflow_helpers import REPO
 
@@ -226,7 +226,7 @@ def test_bias_scale_zero_is_a_flat_field_and_one_the_sites():
     assert flat.bias_coef == (0.0,) * 9
     assert np.all(scanner.bias_field((5, 6, 7), flat.bias_coef) == 1.0)
     # The same draws whatever the scale: only the field changes.
-    a = scanner.draw_acquisition(np.random.default_rng(3), biased_site)
+    a = scanner.draw_acquisition(np.random.default_rng(3), biased_site, DEFAULT_VARIANT)
     b = scanner.draw_acquisition(
         np.random.default_rng(3), biased_site, CohortVariant(bias_scale=2.5)
     )
@@ -321,7 +321,8 @@ def test_gm_contrast_off_leaves_the_morphology_alone():
     person = _person()
     weak = PRESETS["weak_gm_contrast"]
     for age in (30.0, 70.0):
-        default, other = anat.tissue_maps(person, age), anat.tissue_maps(person, age, weak)
+        default = anat.tissue_maps(person, age, DEFAULT_VARIANT)
+        other = anat.tissue_maps(person, age, weak)
         assert np.array_equal(default.gm, other.gm) and default.vent_ml == other.vent_ml
     assert anat.gm_intensity(person, 80.0, weak) == anat.gm_intensity(person, 20.0, weak)
 
@@ -417,10 +418,21 @@ def test_config_route(tmp_path, monkeypatch):
     assert shipped["demo"]["variant"] == "default"
 
     monkeypatch.chdir(tmp_path)
-    demo = {"enabled": True, "bids_dir": "bids", "n_subjects": 1, "n_bad": 0, "seed": 1}
+    demo = {"enabled": True, "bids_dir": "bids", "n_subjects": 2, "n_bad": 0, "seed": 1}
     config = {"bids_dir": "bids", "demo": {**demo, "variant": "weak_gm_contrast"}}
-    assert ensure_demo_data(config) is True
+    plan = demo_plan(config)
+    assert plan is not None and not (tmp_path / "bids").exists()  # planned, not written
+    assert plan.arguments["variant"] == "weak_gm_contrast"
+    make_demo_dataset(plan.bids_dir, **plan.arguments)
     assert recorded_variant(tmp_path / "bids") == "weak_gm_contrast"
-    assert ensure_demo_data(config) is False  # already there
+    # the plan named every scan the generator wrote, and the dataset files the rule declares
+    written = sorted(
+        p.relative_to(tmp_path / "bids").as_posix()
+        for p in (tmp_path / "bids").rglob("*_T1w.nii.gz")
+    )
+    assert sorted(plan.scans) == written
+    assert all(Path(path).is_file() for path in plan.outputs)
+    assert demo_plan(config) is None  # already there
     with pytest.raises(UserError, match="demo.variant is 'lesions'"):
-        ensure_demo_data({"bids_dir": "bids", "demo": {**demo, "variant": "lesions"}})
+        demo_plan({"bids_dir": "bids", "demo": {**demo, "variant": "lesions"}})
+    assert demo_plan({"bids_dir": "elsewhere", "demo": demo}) is None  # not the demo's folder

@@ -174,6 +174,27 @@ def test_run_policies_and_scan_id_rule(tmp_path):
     assert last["acq"].tolist() == ["", "fast"]
 
 
+def test_planned_files_are_listed_as_a_walk_of_them_would(tmp_path):
+    # files a job will write (the demo cohort's rule): same rows as walking them once written
+    planned = [
+        "sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz",
+        "sub-01/ses-1/anat/sub-01_ses-1_run-2_T1w.nii.gz",
+        "sub-01/ses-1/anat/sub-01_ses-1_run-1_T1w.nii.gz",
+        "sub-01/ses-1/anat/sub-01_ses-1_T1w.json",  # not a scan: left out
+    ]
+    cfg = {"bids_dir": str(tmp_path / "bids"), "run_policy": "all", "exclude_subjects": ["02"]}
+    table = discover_scans(cfg, planned=planned)
+    assert not (tmp_path / "bids").exists()
+    for rel in planned:
+        touch(tmp_path / "bids" / rel)
+    assert table.equals(discover_scans(cfg))
+    assert table["scan_id"].tolist() == ["sub-01_ses-1_run-1", "sub-01_ses-1_run-2"]
+    with pytest.raises(ValueError, match="is not sub-"):
+        discover_scans(cfg, planned=["sub-01/sub-01_T1w.nii.gz"])
+    with pytest.raises(ValueError, match="not a valid scan name"):
+        discover_scans(cfg, planned=["sub-01/anat/sub-02_T1w.nii.gz"])
+
+
 def test_scan_ids_match_wildcard_constraint(tmp_path):
     root = tmp_path / "bids"
     bids_file(root, "01", "pre", entities="_acq-mp2rage_inv-1_part-mag")

@@ -266,16 +266,25 @@ def test_use_conda_dry_run_lists_envs(tmp_path, bids):
     assert res.returncode == 0, res.stderr
 
 
-def test_dry_run_on_the_shipped_demo_config_generates_the_demo(tmp_path):
-    # config.yaml as shipped, from a fresh folder: the demo cohort is generated at parse time
-    res = snakemake(tmp_path, "-n", "--cores", "1", "--config", "demo={'n_subjects': 5}")
+def test_the_demo_cohort_is_made_by_a_job_and_a_dry_run_writes_nothing(tmp_path):
+    # config.yaml as shipped, from a fresh folder: the DAG is planned on the demo's scans
+    demo = "demo={'n_subjects': 5}"
+    res = snakemake(tmp_path, "-n", "--cores", "1", "--config", demo)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "generating the synthetic demo cohort" in res.stderr
-    assert (tmp_path / "demo_data/bids/participants.tsv").exists()
-    assert _jobs(res.stdout)["preprocess"] == 1
-    assert res.stdout.count("_T1w.nii.gz") >= 5
-    again = snakemake(tmp_path, "-n", "--cores", "1", "--config", "demo={'n_subjects': 5}")
-    assert "generating" not in again.stderr  # only on the first run
+    jobs = _jobs(res.stdout)
+    assert jobs["demo_data"] == 1 and jobs["preprocess"] == 1
+    assert res.stdout.count("_T1w.nii.gz") >= 5  # the planned scans are the batch's inputs
+    written = [p for p in tmp_path.rglob("*") if not p.is_relative_to(tmp_path / ".snakemake")]
+    assert written == [], written  # nothing but Snakemake's own folder
+
+    made = snakemake(tmp_path, "demo_data", "--cores", "1", "--config", demo)
+    assert made.returncode == 0, made.stderr[-2000:]
+    bids = tmp_path / "demo_data/bids"
+    assert len(list(bids.glob("sub-*/anat/*_T1w.nii.gz"))) == 5
+    assert (bids / "participants.tsv").is_file()
+    again = snakemake(tmp_path, "-n", "--cores", "1", "--config", demo)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "demo_data" not in _jobs(again.stdout) and _jobs(again.stdout)["preprocess"] == 1
 
 
 def test_nested_command_line_values_get_the_schema_types(tmp_path, bids):
