@@ -179,16 +179,9 @@ def run_child(kind: str, params: dict, folder: Path) -> dict:
 
 def make_head_256(path: Path) -> None:
     """A T1w-like 1 mm 256^3 head (int16 .nii.gz, sagittal storage, rotated and shifted)."""
-    import nibabel as nib
-    import numpy as np
+    from nidl_dino.preprocessing.phantom import save_benchmark_head
 
-    from nidl_dino.preprocessing.phantom import scanner_affine, subject_transform, synthetic_scan
-
-    shape = (256, 256, 256)
-    affine = scanner_affine(shape, (1.0, 1.0, 1.0), "PIL")
-    truth = subject_transform((12.0, -8.0, 10.0), (6.0, -15.0, 18.0), (0.95, 0.92, 0.97))
-    data = synthetic_scan(shape, affine, truth, head_spacing_mm=1.0, seed=0)
-    nib.save(nib.Nifti1Image(np.round(data).astype(np.int16), affine), path)
+    save_benchmark_head(path, (256, 256, 256))
 
 
 def make_volumes(folder: Path, size: int, count: int) -> list[str]:

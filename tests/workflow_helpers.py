@@ -45,3 +45,20 @@ def snakemake(
     return subprocess.run(
         cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+def dry_run(
+    workdir: Path, bids: Path, *config: str, output_dir: str = "out", **kwargs
+) -> subprocess.CompletedProcess:
+    """``snakemake -n --cores 1`` on ``bids`` into ``output_dir`` with more ``--config`` items."""
+    return snakemake(
+        workdir,
+        "-n",
+        "--cores",
+        "1",
+        "--config",
+        f"bids_dir={bids}",
+        f"output_dir={output_dir}",
+        *config,
+        **kwargs,
+    )

@@ -130,7 +130,24 @@ class RandResizedCrop3d(Randomizable, Transform):
         return self.resize(SpatialCrop(roi_start=start, roi_end=stop)(img))
 
 
-class RandRelativeGaussianNoise(RandomizableTransform):
+class _DeviceIntensityTransform(RandomizableTransform):
+    """An intensity transform applied with probability ``prob``, computed on the image's device.
+
+    Subclasses draw their parameters in ``randomize`` and change the tensor in ``_apply``.
+    """
+
+    def _apply(self, img: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
+        if randomize:
+            self.randomize()
+        if not self._do_transform:
+            return img
+        return self._apply(torch.as_tensor(img))
+
+
+class RandRelativeGaussianNoise(_DeviceIntensityTransform):
     """Additive Gaussian noise with a std relative to the image's, drawn on the image's device.
 
     With probability ``prob``, adds ``N(0, sigma^2)`` with ``sigma`` drawn uniformly in
@@ -145,7 +162,7 @@ class RandRelativeGaussianNoise(RandomizableTransform):
     """
 
     def __init__(self, prob: float = 0.1, std: float = 0.1) -> None:
-        RandomizableTransform.__init__(self, prob)
+        _DeviceIntensityTransform.__init__(self, prob)
         self.std = float(std)
         self._fraction = 0.0
         self._seed = 0
@@ -155,18 +172,13 @@ class RandRelativeGaussianNoise(RandomizableTransform):
         self._fraction = self.R.uniform(0.0, self.std)
         self._seed = int(self.R.randint(MAX_SEED))
 
-    def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
-        if randomize:
-            self.randomize()
-        if not self._do_transform:
-            return img
-        img = torch.as_tensor(img)
+    def _apply(self, img: torch.Tensor) -> torch.Tensor:
         gen = torch.Generator(device=img.device).manual_seed(self._seed)
         noise = torch.randn(img.shape, generator=gen, device=img.device, dtype=img.dtype)
         return img + noise * (self._fraction * img.std())
 
 
-class RandBiasField3d(RandomizableTransform):
+class RandBiasField3d(_DeviceIntensityTransform):
     """Multiplicative smooth bias field ``exp(sum c_ijk P_i(z) P_j(y) P_k(x))``, on the device.
 
     Same model as MONAI's ``RandBiasField``: Legendre polynomials ``P`` of total degree
@@ -182,7 +194,7 @@ class RandBiasField3d(RandomizableTransform):
     """
 
     def __init__(self, prob: float = 0.1, degree: int = 3, coeff: float = 0.2) -> None:
-        RandomizableTransform.__init__(self, prob)
+        _DeviceIntensityTransform.__init__(self, prob)
         self.degree = int(degree)
         self.coeff = float(coeff)
         n = self.degree + 1
@@ -202,12 +214,7 @@ class RandBiasField3d(RandomizableTransform):
             polys.append(((2 * d + 1) * x * polys[d] - d * polys[d - 1]) / (d + 1))
         return torch.stack(polys[: self.degree + 1])  # (degree + 1, n)
 
-    def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
-        if randomize:
-            self.randomize()
-        if not self._do_transform:
-            return img
-        img = torch.as_tensor(img)
+    def _apply(self, img: torch.Tensor) -> torch.Tensor:
         coeffs = torch.as_tensor(self._coeffs, device=img.device, dtype=img.dtype)
         pz, py, px = (self._legendre(n, img) for n in img.shape[1:])
         field = torch.einsum("ijk,id,jh,kw->dhw", coeffs, pz, py, px)

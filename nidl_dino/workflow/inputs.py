@@ -86,6 +86,14 @@ def _bare_label(value: object, entity: str) -> str | None:
     return label if _LABEL_RE.fullmatch(label) else None
 
 
+def _label_or_fail(value: object, entity: str, key: str, expected: str) -> str:
+    """:func:`_bare_label` of a config entry, or a UserError naming ``inputs.<key>``."""
+    label = _bare_label(value, entity)
+    if label is None:
+        raise UserError(f"inputs.{key}: {_q(value)} is {expected}: fix the entry")
+    return label
+
+
 _NAME_RE = re.compile(
     rf"sub-(?P<sub>{_LABEL})(?:_ses-(?P<ses>{_LABEL}))?"
     rf"(?P<entities>(?:_{_LABEL}-{_LABEL})*)_(?P<suffix>{_LABEL})"
@@ -184,13 +192,11 @@ def _parse_labels(value: Any, key: str, prefix: str) -> _Labels:
         if isinstance(item, int) and not isinstance(item, bool):
             numbers.add(item)
             continue
-        label = _bare_label(item, prefix)
-        if label is None:
-            raise UserError(
-                f"inputs.{key}: {_q(item)} is neither a {prefix} label (letters and digits, "
-                f"'{prefix}-' optional) nor an existing file of labels: fix the entry"
-            )
-        texts.add(label)
+        expected = (
+            f"neither a {prefix} label (letters and digits, '{prefix}-' optional) nor an "
+            "existing file of labels"
+        )
+        texts.add(_label_or_fail(item, prefix, key, expected))
     return _Labels(key, prefix, frozenset(texts), frozenset(numbers))
 
 
@@ -301,18 +307,12 @@ def resolve_inputs_config(cfg: Mapping[str, Any]) -> InputsConfig:
                 "for subjects and sessions, and entity keys such as acq, rec, run"
             )
         accepted = list(accepted) if isinstance(accepted, (list, tuple)) else [accepted]
-        parsed: list[str | None] = []
-        for item in accepted:
-            if _is_unset(item):
-                parsed.append(None)
-                continue
-            label = _bare_label(item, key)
-            if label is None:
-                raise UserError(
-                    f"inputs.filters.{key}: {_q(item)} is not a BIDS label: fix the entry"
-                )
-            parsed.append(label)
-        parsed_filters[key] = tuple(parsed)
+        parsed_filters[key] = tuple(
+            None
+            if _is_unset(item)
+            else _label_or_fail(item, key, f"filters.{key}", "not a BIDS label")
+            for item in accepted
+        )
 
     run_policy = str(values["run_policy"]).strip()
     if run_policy not in RUN_POLICIES:

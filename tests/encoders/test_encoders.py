@@ -11,6 +11,8 @@ from torch import nn
 from nidl_dino.encoders.networks import ENCODERS, ViTEncoder, build_encoder, encoder_output_dim
 from nidl_dino.errors import UserError
 
+from dino_fixtures import tiny_dino
+
 torch.set_num_threads(1)
 
 TINY_VIT = {"patch_size": 8, "hidden_size": 32, "mlp_dim": 64, "num_layers": 1, "num_heads": 2}
@@ -150,7 +152,6 @@ FIT_CASES = [
 
 @pytest.mark.parametrize(("name", "kwargs", "sizes", "batch_norm"), FIT_CASES)
 def test_one_dino_fit_step(name, kwargs, sizes, batch_norm):
-    from nidl_dino import DINO
 
     g, loc = sizes
     n_local = 2
@@ -160,22 +161,7 @@ def test_one_dino_fit_step(name, kwargs, sizes, batch_norm):
         + [torch.randn(2, 1, loc, loc, loc) for _ in range(n_local)]
     ]
     encoder = build_encoder({"name": name, "kwargs": kwargs}, image_size=[[g] * 3, [loc] * 3])
-    model = DINO(
-        encoder,
-        proj_input_dim=encoder.output_dim,
-        proj_hidden_dim=32,
-        proj_bottleneck_dim=16,
-        proj_output_dim=64,
-        proj_batch_norm=batch_norm,
-        num_local_crops=n_local,
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        random_state=0,
-    )
+    model = tiny_dino(encoder, n_local, proj_batch_norm=batch_norm, max_steps=1)
     before = [p.detach().clone() for p in model.student.parameters()]
     model.fit(torch.utils.data.DataLoader(batches, batch_size=None))
     after = list(model.student.parameters())

@@ -54,6 +54,21 @@ def outer_folds(predictions: pd.DataFrame) -> dict[tuple[int, int], set]:
     }
 
 
+def predictions_of(features, table, targets, n_splits, n_repeats) -> pd.DataFrame:
+    """The out-of-fold predictions of ``features`` alone (no chance row), fast settings."""
+    _, predictions = run_probes(
+        features,
+        table,
+        targets,
+        n_splits=n_splits,
+        n_repeats=n_repeats,
+        include_chance=False,
+        return_predictions=True,
+        **FAST,
+    )
+    return predictions
+
+
 @pytest.fixture(scope="module")
 def probed():
     table, signal, noise = make_cohort()
@@ -78,17 +93,8 @@ def score(scores: pd.DataFrame, feature_set: str, target: str, metric: str) -> p
 
 def test_score_table_layout(probed):
     _, scores, _ = probed
-    assert list(scores.columns[:9]) == [
-        "feature_set",
-        "target",
-        "task",
-        "metric",
-        "mean",
-        "std",
-        "n_folds",
-        "n_samples",
-        "n_features",
-    ]
+    identity = ["feature_set", "target", "task", "metric"]
+    assert list(scores.columns[:9]) == identity + "mean std n_folds n_samples n_features".split()
     assert list(dict.fromkeys(scores["feature_set"])) == [CHANCE, "signal", "noise"]
     assert set(zip(scores["target"], scores["task"], scores["metric"], strict=True)) == {
         ("age", "regression", "mae"),
@@ -215,16 +221,7 @@ def test_scaler_and_search_are_fitted_inside_the_folds():
     table.index = range(60)
     RowSpy.fitted = []
     spied = FeatureSet(np.column_stack([np.arange(60), signal]), steps=(("spy", RowSpy()),))
-    _, predictions = run_probes(
-        {"spied": spied},
-        table,
-        ["age"],
-        n_splits=3,
-        n_repeats=2,
-        include_chance=False,
-        return_predictions=True,
-        **FAST,
-    )
+    predictions = predictions_of({"spied": spied}, table, ["age"], 3, 2)
     every_row = set(range(60))
     trains = [every_row - test for test in outer_folds(predictions).values()]
     # Per outer fold: one fit per inner split (cached across the penalty candidates) and the refit.
@@ -241,16 +238,7 @@ def test_scaler_and_search_are_fitted_inside_the_folds():
 def test_classification_folds_are_stratified_by_class_and_site():
     table, signal, _ = make_cohort(n=90, seed=1)
     table.loc[table.index[:2], "site"] = "tiny"  # a site too small for 5 folds must not break
-    _, predictions = run_probes(
-        {"signal": signal},
-        table,
-        ["sex"],
-        n_splits=5,
-        n_repeats=1,
-        include_chance=False,
-        return_predictions=True,
-        **FAST,
-    )
+    predictions = predictions_of({"signal": signal}, table, ["sex"], 5, 1)
     merged = predictions.merge(table[["sex", "site"]], left_on="row", right_index=True)
     for (_, sex, site), cell in merged.groupby(["repeat", "sex", "site"]):
         if site != "tiny" and len(cell) >= 5:
@@ -260,16 +248,7 @@ def test_classification_folds_are_stratified_by_class_and_site():
 
 def test_regression_folds_cover_every_site():
     table, signal, _ = make_cohort(n=60, seed=2)
-    _, predictions = run_probes(
-        {"signal": signal},
-        table,
-        ["age"],
-        n_splits=4,
-        n_repeats=1,
-        return_predictions=True,
-        include_chance=False,
-        **FAST,
-    )
+    predictions = predictions_of({"signal": signal}, table, ["age"], 4, 1)
     merged = predictions.merge(table[["site"]], left_on="row", right_index=True)
     assert merged.groupby("fold")["site"].nunique().eq(3).all()
 
@@ -281,16 +260,7 @@ def test_sessions_of_one_participant_stay_in_one_fold_inner_and_outer():
     table.index = range(60)
     RowSpy.fitted = []
     spied = FeatureSet(np.column_stack([np.arange(60), signal]), steps=(("spy", RowSpy()),))
-    _, predictions = run_probes(
-        {"spied": spied},
-        table,
-        ["age", "sex"],
-        n_splits=3,
-        n_repeats=1,
-        include_chance=False,
-        return_predictions=True,
-        **FAST,
-    )
+    predictions = predictions_of({"spied": spied}, table, ["age", "sex"], 3, 1)
     assert {"participant_id", "session_id"} <= set(predictions.columns)
     assert predictions.groupby(["target", "repeat", "participant_id"])["fold"].nunique().eq(1).all()
     for seen in RowSpy.fitted:  # row 2k and 2k+1 are one participant

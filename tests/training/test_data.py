@@ -12,6 +12,8 @@ import torch
 from nidl_dino.errors import UserError
 from nidl_dino.training.data import DINODataModule, VolumeDataset, volume_loader
 
+from dino_fixtures import tiny_dino
+
 torch.set_num_threads(1)
 
 VIEWS = {"global_size": 16, "local_size": 8, "num_local_crops": 2}
@@ -234,7 +236,6 @@ def test_views_on_device_turn_volume_batches_into_views(volumes):
 
 @pytest.mark.parametrize("views_on_device", [False, True])
 def test_dino_trains_end_to_end_on_the_datamodule(volumes, views_on_device):
-    from nidl_dino import DINO
     from nidl_dino.encoders.networks import build_encoder
 
     paths, _ = volumes
@@ -244,21 +245,7 @@ def test_dino_trains_end_to_end_on_the_datamodule(volumes, views_on_device):
     encoder = build_encoder(
         {"name": "small_cnn", "kwargs": {"channels": [4, 8, 16]}}, image_size=dm.image_sizes
     )
-    model = DINO(
-        encoder,
-        proj_input_dim=encoder.output_dim,
-        proj_hidden_dim=32,
-        proj_bottleneck_dim=16,
-        proj_output_dim=64,
-        num_local_crops=dm.num_local_crops,
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        random_state=0,
-    )
+    model = tiny_dino(encoder, dm.num_local_crops, max_epochs=1)
     model.fit(None, datamodule=dm)
     features = model.transform(volume_loader(paths, batch_size=2))
     assert features.shape == (len(paths), 16)

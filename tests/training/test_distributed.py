@@ -8,17 +8,14 @@ with; the test compares the ranks with each other and with formulas written here
 from __future__ import annotations
 
 import math
-import os
-import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-from dino_fixtures import TinyConv3d
+from dino_fixtures import TinyConv3d, gloo_env
 
 N_SAMPLES, BATCH, EPOCHS, WORLD = 16, 2, 2, 2
 BASE_LAMBDA, CENTER_MOMENTUM = 0.9, 0.9
@@ -33,7 +30,7 @@ WORKER = textwrap.dedent(
     from torch.utils.data import DataLoader
 
     from nidl_dino import DINO
-    from dino_fixtures import SMALL_HEAD, RandomViews, TinyConv3d
+    from dino_fixtures import QUIET_TRAINER, SMALL_HEAD, RandomViews, TinyConv3d
 
     torch.set_num_threads(1)
     out = Path(sys.argv[1])
@@ -84,16 +81,12 @@ WORKER = textwrap.dedent(
         learning_rate=0.1,
         lr_scheduler="none",
         random_state=0,
-        accelerator="cpu",
         devices={WORLD},
         strategy="ddp",
         max_epochs={EPOCHS},
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[recorder],
         default_root_dir=str(out),
+        **QUIET_TRAINER,
         **SMALL_HEAD,
     )
     model.fit(DataLoader(RandomViews(n={N_SAMPLES}, with_targets=True), batch_size={BATCH}))
@@ -117,12 +110,6 @@ WORKER = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cosine(k: int, total: int, base: float, final: float) -> float:
     return final + (base - final) * (1 + math.cos(math.pi * k / total)) / 2
 
@@ -138,21 +125,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     folder = tmp_path_factory.mktemp("ddp")
     script = folder / "worker.py"
     script.write_text(WORKER)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_"))
-        and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK")
-    }
-    tests_dir = str(Path(__file__).parents[1])
-    env.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, env.get("PYTHONPATH")])),
-    )
-    if Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only: no network needed
+    env = gloo_env()
     done = subprocess.run(
         [sys.executable, str(script), str(folder)],
         cwd=folder,

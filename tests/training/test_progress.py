@@ -11,7 +11,7 @@ import pytest
 from nidl_dino import DINO
 from nidl_dino.training.progress import EpochProgress, format_duration, quiet_lightning
 
-from dino_fixtures import SMALL_HEAD, TinyConv3d, views_loader
+from dino_fixtures import QUIET_TRAINER, SMALL_HEAD, TinyConv3d, views_loader
 
 
 @pytest.mark.parametrize(
@@ -29,11 +29,8 @@ def test_one_line_per_epoch_with_step_loss_entropy_lr_speed_and_time_left(caplog
         **SMALL_HEAD,
         num_local_crops=2,
         max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
         random_state=0,
+        **QUIET_TRAINER,
         callbacks=[EpochProgress(logger)],
     )
     with caplog.at_level(logging.INFO, logger="test_progress"):

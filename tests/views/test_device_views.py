@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-from nidl_dino import DINO
 from nidl_dino.encoders.networks import build_encoder
 from nidl_dino.training.data import DINODataModule, VolumeBatch
 from nidl_dino.views.crops import MultiCropTransform
 from nidl_dino.views.device import DeviceViews
+
+from dino_fixtures import noise_volumes, tiny_dino
 
 torch.set_num_threads(1)
 
@@ -154,16 +154,7 @@ def test_device_views_never_read_a_tensor_back_to_the_host(monkeypatch):
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory) -> list[str]:
-    folder = tmp_path_factory.mktemp("volumes")
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(6):
-        path = folder / f"sub-{i:02d}_T1w.nii.gz"
-        nib.save(
-            nib.Nifti1Image(rng.standard_normal((20, 20, 20)).astype(np.float32), np.eye(4)), path
-        )
-        out.append(str(path))
-    return out
+    return noise_volumes(tmp_path_factory.mktemp("volumes"), 6, 20)
 
 
 def device_batch(dm: DINODataModule, rank: int, epoch: int = 0) -> list[torch.Tensor]:
@@ -200,19 +191,11 @@ def train(paths, folder, max_epochs=2, ckpt_path=None):
         {"name": "small_cnn", "kwargs": {"channels": [4, 8]}}, image_size=dm.image_sizes
     )
     recorder = RecordViews()
-    model = DINO(
+    model = tiny_dino(
         encoder,
-        proj_input_dim=encoder.output_dim,
-        proj_hidden_dim=16,
-        proj_bottleneck_dim=8,
-        proj_output_dim=32,
-        num_local_crops=dm.num_local_crops,
+        dm.num_local_crops,
         max_epochs=max_epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        random_state=0,
+        enable_checkpointing=True,
         callbacks=[
             recorder,
             ModelCheckpoint(dirpath=folder, filename="{epoch}", save_top_k=-1, every_n_epochs=1),

@@ -12,17 +12,15 @@ profile): a world of 2, and only rank 0 writes the outputs.
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
+
+from dino_fixtures import gloo_env, noise_volumes
 
 N_VOLUMES, BATCH, EPOCHS, WORLD = 8, 2, 2, 2
 
@@ -34,6 +32,7 @@ WORKER = textwrap.dedent(
     import torch
     from pytorch_lightning.callbacks import Callback
 
+    from dino_fixtures import QUIET_TRAINER
     from nidl_dino import DINO
     from nidl_dino.training.data import DINODataModule
     from nidl_dino.encoders.networks import build_encoder
@@ -70,10 +69,9 @@ WORKER = textwrap.dedent(
     )
     model = DINO(
         encoder, proj_input_dim=encoder.output_dim, proj_hidden_dim=16, proj_bottleneck_dim=8,
-        proj_output_dim=32, num_local_crops=2, random_state=0, accelerator="cpu",
-        devices={WORLD}, strategy="ddp", max_epochs={EPOCHS}, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[recorder], default_root_dir=str(out),
+        proj_output_dim=32, num_local_crops=2, random_state=0, devices={WORLD},
+        strategy="ddp", max_epochs={EPOCHS}, callbacks=[recorder], default_root_dir=str(out),
+        **QUIET_TRAINER,
     )
     model.fit(None, datamodule=dm)
     torch.save(
@@ -124,41 +122,8 @@ TRAIN_WORKER = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_"))
-        and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK")
-    }
-    root = str(Path(__file__).parents[2])  # this checkout's nidl_dino
-    env.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")])),
-    )
-    if Path("/sys/class/net/lo").exists():
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only: no network needed
-    return env
-
-
 def write_volumes(folder: Path) -> list[str]:
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(N_VOLUMES):
-        path = folder / f"sub-{i:02d}_T1w.nii"
-        nib.save(
-            nib.Nifti1Image(rng.standard_normal((14, 14, 14)).astype(np.float32), np.eye(4)), path
-        )
-        paths.append(str(path))
-    return paths
+    return noise_volumes(folder, N_VOLUMES, 14, name="sub-{i:02d}_T1w.nii")
 
 
 def run_worker(folder: Path, source: str) -> None:
@@ -169,7 +134,7 @@ def run_worker(folder: Path, source: str) -> None:
     done = subprocess.run(
         [sys.executable, str(script), str(folder), *paths],
         cwd=folder,
-        env=clean_env(),
+        env=gloo_env(),
         capture_output=True,
         text=True,
         timeout=240,
@@ -233,7 +198,7 @@ def test_train_from_config_as_two_slurm_tasks(tmp_path):
     paths = write_volumes(tmp_path)
     script = tmp_path / "worker.py"
     script.write_text(TRAIN_WORKER.replace("LOCAL_RANK", "SLURM_PROCID"))
-    env = clean_env()
+    env = gloo_env()
     env.update(
         SLURM_NTASKS="2",
         SLURM_NTASKS_PER_NODE="2",

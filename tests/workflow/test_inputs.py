@@ -322,22 +322,26 @@ def test_error_scans_tsv_listed_file_missing(tmp_path):
     assert "line 2" in message
 
 
-def test_error_two_runs_without_run_policy_names_them(tmp_path):
+@pytest.mark.parametrize(
+    "files, policy, words",
+    [
+        # two runs under run_policy: error: both named, and the key that decides
+        (
+            [{"entities": "_run-1"}, {"entities": "_run-2"}],
+            "error",
+            ["sub-01_run-1_T1w.nii.gz", "sub-01_run-2_T1w.nii.gz", "inputs.run_policy"],
+        ),
+        # the same scan as .nii and .nii.gz: no policy chooses between them
+        ([{"ext": ".nii"}, {"ext": ".nii.gz"}], "all", ["inputs.extensions"]),
+    ],
+)
+def test_error_duplicate_scan_ids(tmp_path, files, policy, words):
     root = tmp_path / "bids"
-    bids_file(root, "01", entities="_run-1")
-    bids_file(root, "01", entities="_run-2")
-    message = error_of({"bids_dir": root})
+    for file in files:
+        bids_file(root, "01", **file)
+    message = error_of({"bids_dir": root, "run_policy": policy})
     assert "duplicate scan id 'sub-01'" in message
-    assert "sub-01_run-1_T1w.nii.gz" in message and "sub-01_run-2_T1w.nii.gz" in message
-    assert "inputs.run_policy" in message
-
-
-def test_error_same_scan_in_two_formats(tmp_path):
-    root = tmp_path / "bids"
-    bids_file(root, "01", ext=".nii")
-    bids_file(root, "01", ext=".nii.gz")
-    message = error_of({"bids_dir": root, "run_policy": "all"})
-    assert "duplicate scan id 'sub-01'" in message and "inputs.extensions" in message
+    assert all(word in message for word in words), message
 
 
 def test_error_broken_symlink(tmp_path):

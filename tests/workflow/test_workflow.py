@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflow_helpers import REPO, snakemake, tiny_bids
+from workflow_helpers import REPO, dry_run, snakemake, tiny_bids
 
 
 def _jobs(stdout: str) -> dict[str, int]:
@@ -27,9 +27,7 @@ def bids(tmp_path):
 
 
 def test_dry_run_dag_without_sessions(tmp_path, bids):
-    res = snakemake(
-        tmp_path, "-n", "--cores", "1", "--config", f"bids_dir={bids}", "output_dir=out"
-    )
+    res = dry_run(tmp_path, bids)
     assert res.returncode == 0, res.stderr
     jobs = _jobs(res.stdout)
     assert jobs == {
@@ -48,14 +46,9 @@ def test_dry_run_dag_without_sessions(tmp_path, bids):
     assert "sub-02_T1w.nii.gz" in res.stdout
     assert not (REPO / "out").exists()
     # one scan per job
-    res = snakemake(
+    res = dry_run(
         tmp_path,
-        "-n",
-        "--cores",
-        "1",
-        "--config",
-        f"bids_dir={bids}",
-        "output_dir=out",
+        bids,
         "resources={'preprocess': {'scans_per_job': 2}}",
     )
     assert res.returncode == 0, res.stderr
@@ -65,28 +58,18 @@ def test_dry_run_dag_without_sessions(tmp_path, bids):
 def test_dry_run_dag_with_sessions(tmp_path):
     bids = tiny_bids(tmp_path / "bids", subjects=("01", "02"), sessions=("1", "2"))
     one_per_job = "resources={'preprocess': {'scans_per_job': 1}}"
-    res = snakemake(
+    res = dry_run(
         tmp_path,
-        "-n",
-        "--cores",
-        "1",
-        "--config",
-        f"bids_dir={bids}",
-        "output_dir=out",
+        bids,
         one_per_job,
     )
     assert res.returncode == 0, res.stderr
     assert _jobs(res.stdout)["preprocess"] == 4
     assert "sub-02_ses-2_T1w.nii.gz" in res.stdout
     # a session filter from the command line
-    res = snakemake(
+    res = dry_run(
         tmp_path,
-        "-n",
-        "--cores",
-        "1",
-        "--config",
-        f"bids_dir={bids}",
-        "output_dir=out",
+        bids,
         "inputs={'sessions': ['2']}",
         one_per_job,
     )
@@ -118,8 +101,7 @@ def test_snakefmt_check():
     ],
 )
 def test_config_errors_are_one_line_before_any_job(tmp_path, bids, override, expected):
-    args = ["-n", "--cores", "1", "--config", f"bids_dir={bids}", "output_dir=out", *override]
-    res = snakemake(tmp_path, *args)
+    res = dry_run(tmp_path, bids, *override)
     assert res.returncode == 2
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("nidl-dino: error:")]
@@ -289,14 +271,9 @@ def test_the_demo_cohort_is_made_by_a_job_and_a_dry_run_writes_nothing(tmp_path)
 
 def test_nested_command_line_values_get_the_schema_types(tmp_path, bids):
     # snakemake reads nested --config values as strings; the workflow converts them by schema
-    res = snakemake(
+    res = dry_run(
         tmp_path,
-        "-n",
-        "--cores",
-        "1",
-        "--config",
-        f"bids_dir={bids}",
-        "output_dir=out",
+        bids,
         "trainer={'max_epochs': 3, 'gradient_clip_val': 1.5}",
         "views={'global_size': [32, 32, 32], 'num_local_crops': 4}",
         "data={'pin_memory': null}",
@@ -362,9 +339,7 @@ def test_cluster_jobs_read_the_cached_scan_list_instead_of_the_tree(tmp_path):
 
 
 def test_a_dry_run_writes_nothing_a_run_writes_the_scan_cache(tmp_path, bids):
-    res = snakemake(
-        tmp_path, "-n", "--cores", "1", "--config", f"bids_dir={bids}", "output_dir=out"
-    )
+    res = dry_run(tmp_path, bids)
     assert res.returncode == 0, res.stderr
     assert not (tmp_path / "out").exists()
     # a real run of one cheap target: onstart caches the list for the cluster jobs
@@ -399,17 +374,16 @@ def _teacher_for(path: Path, preprocessing: dict) -> Path:
 def test_a_given_teacher_replaces_the_train_job(tmp_path, bids):
     shipped = yaml.safe_load((REPO / "config.yaml").read_text())["preprocessing"]
     teacher = _teacher_for(tmp_path / "elsewhere" / "teacher.pt", shipped)
-    args = ("-n", "--cores", "1", "--config", f"bids_dir={bids}", "output_dir=out")
-    res = snakemake(tmp_path, *args, f"model={{'teacher': '{teacher}'}}")
+    res = dry_run(tmp_path, bids, f"model={{'teacher': '{teacher}'}}")
     assert res.returncode == 0, res.stderr
     jobs = _jobs(res.stdout)
     assert "train" not in jobs and jobs["extract"] == 1 and jobs["model_card"] == 1
     assert str(teacher) in res.stdout  # extract reads the given file
 
     # another grid: refused before any job, one line naming both values
-    res = snakemake(
+    res = dry_run(
         tmp_path,
-        *args,
+        bids,
         f"model={{'teacher': '{teacher}'}}",
         "preprocessing={'resample': {'spacing_mm': 5.0}}",
     )
@@ -419,18 +393,17 @@ def test_a_given_teacher_replaces_the_train_job(tmp_path, bids):
     # a damaged file: refused in one line
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(teacher.read_bytes()[:1000])
-    res = snakemake(tmp_path, *args, f"model={{'teacher': '{damaged}'}}")
+    res = dry_run(tmp_path, bids, f"model={{'teacher': '{damaged}'}}")
     errors = [x for x in res.stderr.splitlines() if x.startswith("nidl-dino: error")]
     assert res.returncode == 2 and len(errors) == 1 and "damaged" in errors[0]
 
 
 def test_train_on_selecting_no_scan_stops_before_any_job(tmp_path, bids):
-    args = ("-n", "--cores", "1", "--config", f"bids_dir={bids}", "output_dir=out")
-    res = snakemake(tmp_path, *args, "model={'train_on': {'sex': ['X']}}")
+    res = dry_run(tmp_path, bids, "model={'train_on': {'sex': ['X']}}")
     assert res.returncode == 2
     errors = [x for x in res.stderr.splitlines() if x.startswith("nidl-dino: error")]
     assert len(errors) == 1 and "model.train_on selects no scan" in errors[0]
-    res = snakemake(tmp_path, *args, "model={'train_on': ['01', 'sub-02']}")
+    res = dry_run(tmp_path, bids, "model={'train_on': ['01', 'sub-02']}")
     assert res.returncode == 0, res.stderr
     assert _jobs(res.stdout)["train"] == 1
 

@@ -13,26 +13,13 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.dummy import DummyClassifier, DummyRegressor
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, r2_score, roc_auc_score
-from sklearn.model_selection import (
-    GridSearchCV,
-)
+from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from nidl_dino.errors import UserError
+from nidl_dino.evaluation.probes import tasks
 from nidl_dino.evaluation.probes.splits import _check_both_classes, _check_step_sizes, _splits
-from nidl_dino.evaluation.probes.tasks import (
-    CHANCE,
-    METRICS,
-    PREDICTION_COLUMNS,
-    SCORE_COLUMNS,
-    FeatureSet,
-    FeatureSetLike,
-    Task,
-    _aligned,
-    _encode_target,
-    infer_task,
-)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +32,7 @@ DEFAULT_CS = tuple(np.logspace(-4, 2, 7))
 
 
 def make_probe(
-    task: Task,
+    task: tasks.Task,
     steps: Sequence[tuple[str, BaseEstimator]] = (),
     *,
     inner_cv: object = 3,
@@ -89,14 +76,14 @@ def make_probe(
 
 
 def run_probes(
-    feature_sets: Mapping[str, FeatureSetLike],
+    feature_sets: Mapping[str, tasks.FeatureSetLike],
     table: pd.DataFrame,
     targets: Sequence[str],
     n_splits: int = 5,
     n_repeats: int = 3,
     seed: int = 0,
     stratify_by: str | None = "site",
-    task_types: Mapping[str, Task] | None = None,
+    task_types: Mapping[str, tasks.Task] | None = None,
     *,
     group_by: str | None = "participant_id",
     include_chance: bool = True,
@@ -177,11 +164,11 @@ def run_probes(
         raise UserError(
             f"probes: n_splits={n_splits}, n_repeats={n_repeats}; use n_splits >= 2, n_repeats >= 1"
         )
-    sets: dict[str, FeatureSet | None] = {}
-    if include_chance and CHANCE not in feature_sets:
-        sets[CHANCE] = None
+    sets: dict[str, tasks.FeatureSet | None] = {}
+    if include_chance and tasks.CHANCE not in feature_sets:
+        sets[tasks.CHANCE] = None
     for name, value in feature_sets.items():
-        sets[name] = None if value is None else _aligned(name, value, table)
+        sets[name] = None if value is None else tasks._aligned(name, value, table)
     task_types = dict(task_types or {})
     unknown = set(task_types) - set(targets)
     if unknown:
@@ -198,8 +185,8 @@ def run_probes(
             )
         keep = table[target].notna().to_numpy()
         y_raw = table.loc[keep, target]
-        task = task_types.get(target) or infer_task(y_raw, target)
-        y = _encode_target(y_raw, target, task)
+        task = task_types.get(target) or tasks.infer_task(y_raw, target)
+        y = tasks._encode_target(y_raw, target, task)
         splits, inner_cv, groups = _splits(
             table.loc[keep],
             y,
@@ -223,7 +210,7 @@ def run_probes(
                 feature_set, X, y, task, splits, inner_cv, groups, alphas, Cs, n_jobs
             )
             n_features = 0 if X is None else X.shape[1]
-            for metric in METRICS[task]:
+            for metric in tasks.METRICS[task]:
                 values = np.array([scores[metric] for scores in fold_scores])
                 score_rows.append(
                     {
@@ -246,14 +233,14 @@ def run_probes(
                         predictions[column] = table.loc[predictions["row"], column].to_numpy()
                 prediction_frames.append(predictions)
 
-    scores = pd.DataFrame(score_rows, columns=SCORE_COLUMNS)
+    scores = pd.DataFrame(score_rows, columns=tasks.SCORE_COLUMNS)
     order = {name: i for i, name in enumerate(sets)}
     scores = scores.sort_values("feature_set", key=lambda s: s.map(order), kind="stable")
     scores = scores.reset_index(drop=True)
     if not return_predictions:
         return scores
     predictions = pd.concat(prediction_frames, ignore_index=True)
-    return scores, predictions[[c for c in PREDICTION_COLUMNS if c in predictions.columns]]
+    return scores, predictions[[c for c in tasks.PREDICTION_COLUMNS if c in predictions.columns]]
 
 
 def _fold_metric(metric: str, y_true: pd.Series, y_pred: pd.Series) -> float:
@@ -265,10 +252,10 @@ def _fold_metric(metric: str, y_true: pd.Series, y_pred: pd.Series) -> float:
 
 
 def _cross_validate(
-    feature_set: FeatureSet | None,
+    feature_set: tasks.FeatureSet | None,
     X: np.ndarray | None,
     y: np.ndarray,
-    task: Task,
+    task: tasks.Task,
     splits: list[tuple[int, int, np.ndarray, np.ndarray]],
     inner_cv: object,
     groups: np.ndarray | None,
@@ -299,7 +286,7 @@ def _fit_and_score(
     template: BaseEstimator,
     X: np.ndarray,
     y: np.ndarray,
-    task: Task,
+    task: tasks.Task,
     splits: list[tuple[int, int, np.ndarray, np.ndarray]],
     groups: np.ndarray | None,
 ) -> tuple[list[dict[str, float]], pd.DataFrame]:
