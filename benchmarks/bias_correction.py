@@ -44,14 +44,14 @@ os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's nidl_dino
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
+import nibabel as nib
+import numpy as np
 
-from nidl_dino.machine import describe_machine  # noqa: E402
-from nidl_dino.preprocessing.bias import n4_bias_field  # noqa: E402
-from nidl_dino.preprocessing.config import DEFAULT_CONFIG  # noqa: E402
-from nidl_dino.preprocessing.mask import foreground_mask  # noqa: E402
-from nidl_dino.preprocessing.resample import block_average, block_factors  # noqa: E402
+from nidl_dino.machine import describe_machine
+from nidl_dino.preprocessing.bias import n4_bias_field
+from nidl_dino.preprocessing.config import DEFAULT_CONFIG
+from nidl_dino.preprocessing.mask import foreground_mask
+from nidl_dino.preprocessing.resample import block_average, block_factors
 
 #: (label, shrink_factor, iterations, convergence_threshold, spline_distance_mm)
 SETTINGS = [

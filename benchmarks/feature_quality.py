@@ -55,10 +55,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
+import pandas as pd
+import yaml
 
-from nidl_dino.machine import describe_machine  # noqa: E402
+from nidl_dino.machine import describe_machine
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training_speed import StepTimer, phantom  # noqa: E402
+from training_speed import StepTimer, phantom
 
-from nidl_dino.machine import describe_machine  # noqa: E402
+from nidl_dino.machine import describe_machine
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE_FILE = REPO / "profiles" / "gpu_recipe.yaml"

@@ -48,9 +48,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from training_speed import phantom  # noqa: E402
+from training_speed import phantom
 
-from nidl_dino.machine import describe_machine  # noqa: E402
+from nidl_dino.machine import describe_machine
 
 BATCH = 8
 WORKERS = (8, 16)

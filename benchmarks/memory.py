@@ -46,7 +46,7 @@ THREAD_VARIABLES = (
 EXTRACTION = [(64, 1), (64, 4), (128, 1), (128, 4)]  # (volume size, batch size)
 TRAIN_VOLUMES, TRAIN_SIZE, TRAIN_STEPS = 16, 64, 3
 
-from nidl_dino.machine import describe_machine  # noqa: E402
+from nidl_dino.machine import describe_machine
 
 
 def machine() -> str:

@@ -49,7 +49,7 @@ STEPS = [
     "write",
 ]
 
-from nidl_dino.machine import describe_machine  # noqa: E402
+from nidl_dino.machine import describe_machine
 
 
 def machine() -> str:

@@ -55,20 +55,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "preprocessing"))
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
-from nidl_dino.errors import ScanRejected  # noqa: E402
-from nidl_dino.machine import describe_machine  # noqa: E402
-from nidl_dino.preprocessing.bias import n4_bias_field  # noqa: E402
-from nidl_dino.preprocessing.config import merge_config  # noqa: E402
-from nidl_dino.preprocessing.io import read_nifti  # noqa: E402
-from nidl_dino.preprocessing.mask import foreground_mask  # noqa: E402
-from nidl_dino.preprocessing.orientation import reorient_to_ras  # noqa: E402
-from nidl_dino.preprocessing.qc import local_optimum, qc_flags, qc_measures  # noqa: E402
-from nidl_dino.preprocessing.registration import register_to_template  # noqa: E402
-from nidl_dino.preprocessing.resample import block_average, block_factors  # noqa: E402
-from nidl_dino.preprocessing.validate import validate_image  # noqa: E402
+from nidl_dino.errors import ScanRejected
+from nidl_dino.machine import describe_machine
+from nidl_dino.preprocessing.bias import n4_bias_field
+from nidl_dino.preprocessing.config import merge_config
+from nidl_dino.preprocessing.io import read_nifti
+from nidl_dino.preprocessing.mask import foreground_mask
+from nidl_dino.preprocessing.orientation import reorient_to_ras
+from nidl_dino.preprocessing.qc import local_optimum, qc_flags, qc_measures
+from nidl_dino.preprocessing.registration import register_to_template
+from nidl_dino.preprocessing.resample import block_average, block_factors
+from nidl_dino.preprocessing.validate import validate_image
 
 CENTRE_MM = np.array([0.0, -18.0, 10.0])  # template brain centre, pivot of the perturbations
 MEASURES = ("pearson", "robust", "nmi", "overlap")

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from nidl_dino.machine import describe_machine  # noqa: E402
+from nidl_dino.machine import describe_machine
 
 WRAPPER = r"""
 import os, resource, subprocess, sys, json

@@ -47,7 +47,7 @@ SMALL = {"global_size": 48, "local_size": 32, "num_local_crops": 4, "batch_size"
 GPU_SIZE = {"global_size": 96, "local_size": 48, "num_local_crops": 8, "batch_size": 16}
 ENCODERS = ["small_cnn", "resnet10", "resnet18", "resnet34", "resnet50", "densenet121", "vit"]
 
-from nidl_dino.machine import describe_machine  # noqa: E402
+from nidl_dino.machine import describe_machine
 
 
 def machine() -> str:

@@ -16,7 +16,7 @@ import numpy as np
 from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
 
-from nidl_dino.atomic import atomic_path, current_umask  # noqa: F401 (re-exported)
+from nidl_dino.atomic import atomic_path
 from nidl_dino.errors import ScanRejected
 
 _GZIP_MAGIC = b"\x1f\x8b"

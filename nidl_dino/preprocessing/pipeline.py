@@ -26,11 +26,12 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from nidl_dino.atomic import atomic_path
 from nidl_dino.errors import ScanRejected
 from nidl_dino.preprocessing.ants_bridge import write_ras_transform
 from nidl_dino.preprocessing.bias import n4_bias_field
 from nidl_dino.preprocessing.config import merge_config
-from nidl_dino.preprocessing.io import atomic_path, read_nifti, save_nifti_atomic, write_json_atomic
+from nidl_dino.preprocessing.io import read_nifti, save_nifti_atomic, write_json_atomic
 from nidl_dino.preprocessing.mask import brain_mask_on_grid, foreground_mask
 from nidl_dino.preprocessing.normalize import normalize_intensity
 from nidl_dino.preprocessing.orientation import axis_codes, reorient_to_ras

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from nidl_dino.preprocessing.io import atomic_path
+from nidl_dino.atomic import atomic_path
 from nidl_dino.preprocessing.resample import inside_fov, resample_to_grid
 from nidl_dino.preprocessing.template import BRAIN_THRESHOLD, template_at, template_on_grid
 

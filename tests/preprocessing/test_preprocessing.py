@@ -21,31 +21,31 @@ from scipy import ndimage
 
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
-from nidl_dino.errors import UserError  # noqa: E402
-from nidl_dino.preprocessing import (  # noqa: E402
+from nidl_dino.atomic import atomic_path
+from nidl_dino.errors import UserError
+from nidl_dino.preprocessing import (
     DEFAULT_CONFIG,
     merge_config,
     output_paths,
     preprocess_scan,
 )
-from nidl_dino.preprocessing.ants_bridge import read_ras_transform, write_ras_transform  # noqa: E402
-from nidl_dino.preprocessing.bias import n4_bias_field  # noqa: E402
-from nidl_dino.preprocessing.io import atomic_path  # noqa: E402
-from nidl_dino.preprocessing.mask import brain_mask_on_grid, foreground_mask  # noqa: E402
-from nidl_dino.preprocessing.normalize import normalize_intensity  # noqa: E402
-from nidl_dino.preprocessing.orientation import reorient_to_ras  # noqa: E402
-from nidl_dino.preprocessing.phantom import (  # noqa: E402
+from nidl_dino.preprocessing.ants_bridge import read_ras_transform, write_ras_transform
+from nidl_dino.preprocessing.bias import n4_bias_field
+from nidl_dino.preprocessing.mask import brain_mask_on_grid, foreground_mask
+from nidl_dino.preprocessing.normalize import normalize_intensity
+from nidl_dino.preprocessing.orientation import reorient_to_ras
+from nidl_dino.preprocessing.phantom import (
     scanner_affine,
     subject_transform,
     synthetic_scan,
 )
-from nidl_dino.preprocessing.qc import BRAIN_CENTRE_MM, local_optimum, qc_flags  # noqa: E402
-from nidl_dino.preprocessing.resample import (  # noqa: E402
+from nidl_dino.preprocessing.qc import BRAIN_CENTRE_MM, local_optimum, qc_flags
+from nidl_dino.preprocessing.resample import (
     block_average,
     output_grid,
     resample_to_grid,
 )
-from nidl_dino.preprocessing.template import (  # noqa: E402
+from nidl_dino.preprocessing.template import (
     BRAIN_THRESHOLD,
     brain_volume_ml_1mm,
     template_1mm,

@@ -12,10 +12,10 @@ import pytest
 
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
-from nidl_dino.errors import ScanRejected  # noqa: E402
-from nidl_dino.preprocessing import merge_config, output_paths, preprocess_scan  # noqa: E402
-from nidl_dino.preprocessing.io import read_nifti  # noqa: E402
-from nidl_dino.preprocessing.phantom import scanner_affine, synthetic_scan  # noqa: E402
+from nidl_dino.errors import ScanRejected
+from nidl_dino.preprocessing import merge_config, output_paths, preprocess_scan
+from nidl_dino.preprocessing.io import read_nifti
+from nidl_dino.preprocessing.phantom import scanner_affine, synthetic_scan
 
 # Registration and N4 off: these tests are about reading and validation.
 FAST = {

@@ -9,7 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nidl_dino.preprocessing.io import atomic_path, save_nifti_atomic, write_json_atomic
+from nidl_dino.atomic import atomic_path
+from nidl_dino.preprocessing.io import save_nifti_atomic, write_json_atomic
 
 
 @pytest.fixture
