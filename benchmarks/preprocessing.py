@@ -43,6 +43,7 @@ STEPS = [
     "working_image",
     "bias_correction",
     "registration",
+    "template_fit",
     "resample",
     "mask_qc",
     "normalization",

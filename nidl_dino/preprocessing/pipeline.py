@@ -29,7 +29,7 @@ import numpy as np
 from nidl_dino.atomic import atomic_path
 from nidl_dino.errors import ScanRejected
 from nidl_dino.preprocessing.ants_bridge import write_ras_transform
-from nidl_dino.preprocessing.bias import n4_bias_field
+from nidl_dino.preprocessing.bias import n4_bias_field, template_bias_field
 from nidl_dino.preprocessing.config import merge_config
 from nidl_dino.preprocessing.io import read_nifti, save_nifti_atomic, write_json_atomic
 from nidl_dino.preprocessing.mask import brain_mask_on_grid, foreground_mask
@@ -209,6 +209,7 @@ def _process(in_file: Path, cfg: dict[str, Any], record: dict[str, Any]) -> _Pro
 
     working = float(cfg["working_spacing_mm"])
     work, work_affine = block_average(data, affine, block_factors(affine, working))
+    raw_work = work  # before N4: the template fit models the whole field
     head = foreground_mask(work)
     metrics["foreground_fraction"] = round(float(head.mean()), 4)
     flag = foreground_flag(metrics["foreground_fraction"], cfg["qc"])
@@ -224,7 +225,12 @@ def _process(in_file: Path, cfg: dict[str, Any], record: dict[str, Any]) -> _Pro
         except RuntimeError as err:  # ANTs reports a failed filter as RuntimeError
             raise ScanRejected(f"bias correction failed ({_one_line(err)})", str(in_file)) from None
         work = work / field
-    steps["bias_correction"] = {**bias, "method": "N4 (ANTs)", "applied": bool(bias["enabled"])}
+    steps["bias_correction"] = {
+        **bias,
+        "template_fit": {**bias["template_fit"], "applied": False},
+        "method": "N4 (ANTs), then a fit against the registered template's tissues",
+        "applied": bool(bias["enabled"]),
+    }
     steps["bias_correction"]["fit_spacing_mm"] = _spacing(work_affine, bias["shrink_factor"])
     clock.lap("bias_correction")
 
@@ -244,6 +250,15 @@ def _process(in_file: Path, cfg: dict[str, Any], record: dict[str, Any]) -> _Pro
         "scaling_determinant": round(scaling_determinant(transform), 4),
     }
     clock.lap("registration")
+
+    if field is not None and bias["template_fit"]["enabled"] and reg["enabled"]:
+        # the final field, against the registered template's tissues (bias.template_bias_field)
+        refit = template_bias_field(raw_work, work_affine, transform, bias["template_fit"], working)
+        steps["bias_correction"]["template_fit"]["applied"] = refit is not None
+        if refit is not None:
+            field = refit
+    clock.lap("template_fit")
+    del raw_work
 
     res = cfg["resample"]
     grid_shape, grid_affine = output_grid(res)

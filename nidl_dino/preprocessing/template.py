@@ -64,6 +64,37 @@ def template_at(spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
     return out, out_affine
 
 
+@functools.lru_cache(maxsize=2)
+def tissue_index_at(spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """A tissue index of the template brain, block-averaged to about ``spacing_mm``.
+
+    ``(1 p_CSF + 2 p_GM + 3 p_WM) / 3`` from the template's grey- and white-matter probability
+    maps (nilearn's ``load_mni152_gm_template`` / ``wm_template``, shipped, no download); CSF is
+    the brain mask minus both: 1/3 in pure CSF, 2/3 in grey matter, 1 in white matter, 0 outside
+    the brain, partial volumes in between. Unlike the T1 template's intensities it has no smooth
+    intensity variation of its own, so an image's smooth deviation from a function of it is bias
+    (:func:`nidl_dino.preprocessing.bias.template_bias_field`).
+
+    Returns:
+        ``(data, affine)`` on the template's grid; read-only float32 array, 4x4 affine.
+    """
+    from nilearn import datasets
+
+    gm_img = datasets.load_mni152_gm_template(resolution=1)
+    gm = np.asarray(gm_img.get_fdata(dtype=np.float32))
+    wm = np.asarray(datasets.load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float32))
+    brain = (template_1mm()[0] > BRAIN_THRESHOLD).astype(np.float32)
+    gm, wm = np.minimum(gm, brain), np.minimum(wm, brain)
+    csf = np.clip(brain - gm - wm, 0.0, 1.0)
+    index = (csf + 2.0 * gm + 3.0 * wm) / 3.0
+    affine = np.asarray(gm_img.affine, dtype=np.float64)
+    out, out_affine = block_average(
+        index.astype(np.float32), affine, block_factors(affine, spacing_mm)
+    )
+    out.setflags(write=False)
+    return out, out_affine
+
+
 @functools.lru_cache(maxsize=4)
 def _template_on_grid(shape: tuple[int, int, int], affine_key: tuple[float, ...]) -> np.ndarray:
     grid_affine = np.asarray(affine_key).reshape(4, 4)

@@ -183,13 +183,21 @@ def preprocess_batch(
     log = logging.getLogger("nidl_dino.preprocess")
     # Paid once for the whole batch, before any fork: the heavy imports and the template grids.
     from nidl_dino.preprocessing import merge_config
-    from nidl_dino.preprocessing.template import brain_volume_ml_1mm, template_1mm, template_at
+    from nidl_dino.preprocessing.template import (
+        brain_volume_ml_1mm,
+        template_1mm,
+        template_at,
+        tissue_index_at,
+    )
 
     cfg = merge_config(config)
     spacing = float(cfg["resample"]["spacing_mm"])
     template_1mm()
     brain_volume_ml_1mm()
     template_at(spacing)
+    template_at(float(cfg["working_spacing_mm"]))
+    if cfg["bias_correction"]["template_fit"]["enabled"]:
+        tissue_index_at(float(cfg["working_spacing_mm"]))  # the tissue maps: about 1.5 s
     if not isinstance(layout, Layout):
         layout = Layout(layout, spacing)
     if layout.spacing_mm != spacing:  # the files would be named after another grid
