@@ -33,6 +33,7 @@ from nidl_dino.workflow.setup import (
     discover,
     fail,
     preprocess_batches,
+    source_description,
     write_scan_cache,
 )
 

@@ -235,6 +235,20 @@ def demo_plan(config: Mapping[str, Any]) -> DemoPlan | None:
     )
 
 
+def source_description(config: Mapping[str, Any], demo: DemoPlan | None) -> list[str]:
+    """The input dataset's ``dataset_description.json`` (read for the derivatives'
+    ``SourceDatasets``): the demo's when a job writes it, else the file if present.
+
+    The same absolute path either way, so the run after the demo was generated sees the same
+    input and does not redo the job.
+    """
+    if demo is not None:
+        return [demo.description]
+    bids_dir = config.get("bids_dir")
+    path = Path(str(bids_dir)).absolute() / "dataset_description.json" if bids_dir else None
+    return [str(path)] if path is not None and path.is_file() else []
+
+
 def scan_cache_path(config: Mapping[str, Any]) -> Path:
     """Where the scan list of this configuration is cached, below ``output_dir``.
 

@@ -8,8 +8,8 @@ localrules:
 
 rule dataset_description:
     input:
-        # the source dataset's description (SourceDatasets), when a job generates it
-        [DEMO.description] if DEMO is not None else [],
+        # the source dataset's description (SourceDatasets), also when a job generates it
+        source_description(config, DEMO),
     output:
         description=LAYOUT.dataset_description,
         bidsignore=LAYOUT.bidsignore,

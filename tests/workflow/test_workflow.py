@@ -259,14 +259,17 @@ def test_the_demo_cohort_is_made_by_a_job_and_a_dry_run_writes_nothing(tmp_path)
     written = [p for p in tmp_path.rglob("*") if not p.is_relative_to(tmp_path / ".snakemake")]
     assert written == [], written  # nothing but Snakemake's own folder
 
-    made = snakemake(tmp_path, "demo_data", "--cores", "1", "--config", demo)
+    # the demo, and a job that reads it (the derivatives' SourceDatasets)
+    made = snakemake(tmp_path, "dataset_description", "--cores", "1", "--config", demo)
     assert made.returncode == 0, made.stderr[-2000:]
     bids = tmp_path / "demo_data/bids"
     assert len(list(bids.glob("sub-*/anat/*_T1w.nii.gz"))) == 5
     assert (bids / "participants.tsv").is_file()
     again = snakemake(tmp_path, "-n", "--cores", "1", "--config", demo)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "demo_data" not in _jobs(again.stdout) and _jobs(again.stdout)["preprocess"] == 1
+    jobs = _jobs(again.stdout)
+    assert "demo_data" not in jobs and jobs["preprocess"] == 1
+    assert "dataset_description" not in jobs  # its input is the same file as before
 
 
 def test_nested_command_line_values_get_the_schema_types(tmp_path, bids):
