@@ -48,10 +48,9 @@ import nibabel as nib
 import numpy as np
 
 from nidl_dino.machine import describe_machine
-from nidl_dino.preprocessing.bias import n4_bias_field, template_bias_field
 from nidl_dino.preprocessing.config import DEFAULT_CONFIG
 from nidl_dino.preprocessing.mask import foreground_mask
-from nidl_dino.preprocessing.registration import register_to_template
+from nidl_dino.preprocessing.pipeline import correct_and_register
 from nidl_dino.preprocessing.resample import block_average, block_factors
 
 #: (label, shrink_factor, iterations, convergence_threshold, spline_distance_mm, template fit):
@@ -152,14 +151,12 @@ def spread(ratio: np.ndarray) -> float:
 
 
 def final_field(work, affine, n4_params, fit, working) -> np.ndarray:
-    """The field preprocessing divides by: N4, then (``fit``) the template fit after registering
-    the N4-corrected image as the pipeline does."""
-    field = n4_bias_field(work, affine, foreground_mask(work), n4_params)
-    if fit is None:
-        return field
-    transform = register_to_template(work / field, affine, DEFAULT_CONFIG["registration"], working)
-    refit = template_bias_field(work, affine, transform, fit, working)
-    return field if refit is None else refit
+    """The field preprocessing divides by (``correct_and_register``, as ``preprocess_scan``)
+    with these N4 settings and template fit (None: off)."""
+    bias = {**DEFAULT_CONFIG["bias_correction"], **n4_params}
+    bias["template_fit"] = {**bias["template_fit"], **(fit or {}), "enabled": fit is not None}
+    config = {**DEFAULT_CONFIG, "bias_correction": bias, "working_spacing_mm": working}
+    return correct_and_register(work, affine, foreground_mask(work), config).field
 
 
 def measure(heads, settings, field_seed: int):

@@ -44,6 +44,7 @@ STEPS = [
     "bias_correction",
     "registration",
     "template_fit",
+    "refine_registration",
     "resample",
     "mask_qc",
     "normalization",

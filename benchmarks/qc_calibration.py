@@ -60,13 +60,12 @@ import pandas as pd
 
 from nidl_dino.errors import ScanRejected
 from nidl_dino.machine import describe_machine
-from nidl_dino.preprocessing.bias import n4_bias_field
 from nidl_dino.preprocessing.config import merge_config
 from nidl_dino.preprocessing.io import read_nifti
 from nidl_dino.preprocessing.mask import foreground_mask
 from nidl_dino.preprocessing.orientation import reorient_to_ras
+from nidl_dino.preprocessing.pipeline import correct_and_register
 from nidl_dino.preprocessing.qc import local_optimum, qc_flags, qc_measures
-from nidl_dino.preprocessing.registration import register_to_template
 from nidl_dino.preprocessing.resample import block_average, block_factors
 from nidl_dino.preprocessing.validate import validate_image
 
@@ -85,9 +84,8 @@ def working_image(path, cfg):
     working = float(cfg["working_spacing_mm"])
     work, work_affine = block_average(data, affine, block_factors(affine, working))
     head = foreground_mask(work)
-    work = work / n4_bias_field(work, work_affine, head, cfg["bias_correction"])
-    transform = register_to_template(work, work_affine, cfg["registration"], working)
-    return work, work_affine, head, transform
+    aligned = correct_and_register(work, work_affine, head, cfg, str(path))
+    return aligned.work, work_affine, head, aligned.transform
 
 
 def about_centre(linear: np.ndarray, shift=(0.0, 0.0, 0.0)) -> np.ndarray:

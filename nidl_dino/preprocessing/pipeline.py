@@ -4,8 +4,9 @@ Steps, each a function of its own module and each switchable in the config:
 
 1. read and validate (io, validate): one finite, non-constant 3D volume with a usable affine;
 2. reorient to RAS+ (orientation): exact, no interpolation;
-3. block-average to the working resolution (resample), where N4 (bias) and the affine
-   registration to MNI152 (registration) run;
+3. block-average to the working resolution (resample), where the bias field (bias: N4, then a
+   refit against the registered template's tissues) and the affine registration to MNI152
+   (registration) are found (:func:`correct_and_register`);
 4. one interpolation of the native volume onto the fixed MNI grid (resample), divided by the
    bias field interpolated the same way;
 5. brain mask from the template, dilated (mask); intensity normalisation inside it (normalize);
@@ -20,6 +21,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +211,6 @@ def _process(in_file: Path, cfg: dict[str, Any], record: dict[str, Any]) -> _Pro
 
     working = float(cfg["working_spacing_mm"])
     work, work_affine = block_average(data, affine, block_factors(affine, working))
-    raw_work = work  # before N4: the template fit models the whole field
     head = foreground_mask(work)
     metrics["foreground_fraction"] = round(float(head.mean()), 4)
     flag = foreground_flag(metrics["foreground_fraction"], cfg["qc"])
@@ -217,48 +218,27 @@ def _process(in_file: Path, cfg: dict[str, Any], record: dict[str, Any]) -> _Pro
         raise ScanRejected(flag, str(in_file))
     clock.lap("working_image")
 
-    bias = cfg["bias_correction"]
-    field = None
-    if bias["enabled"]:
-        try:
-            field = n4_bias_field(work, work_affine, head, bias)
-        except RuntimeError as err:  # ANTs reports a failed filter as RuntimeError
-            raise ScanRejected(f"bias correction failed ({_one_line(err)})", str(in_file)) from None
-        work = work / field
+    bias, reg = cfg["bias_correction"], cfg["registration"]
+    aligned = correct_and_register(
+        work, work_affine, head, cfg, str(in_file), clock.lap, native=(data, affine)
+    )
+    work, field, transform = aligned.work, aligned.field, aligned.transform
     steps["bias_correction"] = {
         **bias,
-        "template_fit": {**bias["template_fit"], "applied": False},
+        "template_fit": {**bias["template_fit"], "applied": aligned.template_fit},
         "method": "N4 (ANTs), then a fit against the registered template's tissues",
         "applied": bool(bias["enabled"]),
+        "fit_spacing_mm": _spacing(work_affine, bias["shrink_factor"]),
     }
-    steps["bias_correction"]["fit_spacing_mm"] = _spacing(work_affine, bias["shrink_factor"])
-    clock.lap("bias_correction")
-
-    reg = cfg["registration"]
-    transform = np.eye(4)
-    if reg["enabled"]:
-        try:
-            transform = register_to_template(work, work_affine, reg, working)
-        except RuntimeError as err:  # ANTs reports a failed registration as RuntimeError
-            raise ScanRejected(f"registration failed ({_one_line(err)})", str(in_file)) from None
     steps["registration"] = {
         **reg,
         "applied": bool(reg["enabled"]),
+        "refined": aligned.refined,
         "template": TEMPLATE_NAME,
         "working_spacing_mm": _spacing(work_affine),
         "template_to_subject_ras": np.round(transform, 6).tolist(),
         "scaling_determinant": round(scaling_determinant(transform), 4),
     }
-    clock.lap("registration")
-
-    if field is not None and bias["template_fit"]["enabled"] and reg["enabled"]:
-        # the final field, against the registered template's tissues (bias.template_bias_field)
-        refit = template_bias_field(raw_work, work_affine, transform, bias["template_fit"], working)
-        steps["bias_correction"]["template_fit"]["applied"] = refit is not None
-        if refit is not None:
-            field = refit
-    clock.lap("template_fit")
-    del raw_work
 
     res = cfg["resample"]
     grid_shape, grid_affine = output_grid(res)
@@ -362,6 +342,105 @@ def _write_mask(processed: _Processed, dilation_mm: float, path: Path) -> None:
     img.set_qform(processed.grid_affine, code="mni")
     img.header.set_xyzt_units("mm")
     save_nifti_atomic(img, path)
+
+
+@dataclass
+class Aligned:
+    """What :func:`correct_and_register` found, at working resolution.
+
+    Attributes:
+        work: the working image divided by the final field (what QC measures).
+        field: the final bias field (None without bias correction).
+        transform: template to subject RAS+ mm (identity without registration).
+        template_fit: whether the template fit gave the final field.
+        refined: whether the registration was refined on the template-fitted image.
+    """
+
+    work: np.ndarray
+    field: np.ndarray | None
+    transform: np.ndarray
+    template_fit: bool = False
+    refined: bool = False
+
+
+def _no_lap(name: str) -> None:
+    pass
+
+
+def correct_and_register(
+    work: np.ndarray,
+    work_affine: np.ndarray,
+    head: np.ndarray,
+    cfg: dict[str, Any],
+    source: str = "",
+    lap=_no_lap,
+    native: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Aligned:
+    """Bias correction and registration at working resolution, as :func:`preprocess_scan` runs them.
+
+    N4 (``bias_correction``), so that registration sees a flatter image; the affine registration
+    to the template (``registration``); the final field refitted against the registered
+    template's tissues on the uncorrected image (``bias_correction.template_fit``); and, with
+    ``registration.refine``, one more affine pass on the image corrected by that field, started
+    from the first (no rigid stage): a strong field left by N4 no longer pulls the alignment.
+
+    Args:
+        work: the working-resolution image (not bias-corrected).
+        work_affine: its affine (RAS+ mm).
+        head: its head foreground (N4's mask).
+        cfg: the full preprocessing config (after :func:`merge_config`).
+        source: the input file, named by a rejection.
+        lap: called with each step's name when it ends (the record's timings).
+        native: the reoriented full-resolution image and its affine, for a refinement at
+            ``registration.refine_spacing_mm`` finer than the working resolution.
+
+    Raises:
+        ScanRejected: N4 or the registration failed (ANTs raised).
+    """
+    bias, reg = cfg["bias_correction"], cfg["registration"]
+    working = float(cfg["working_spacing_mm"])
+    raw = work
+    field = None
+    if bias["enabled"]:
+        try:
+            field = n4_bias_field(work, work_affine, head, bias)
+        except RuntimeError as err:  # ANTs reports a failed filter as RuntimeError
+            raise ScanRejected(f"bias correction failed ({_one_line(err)})", source) from None
+        work = raw / field
+    lap("bias_correction")
+    transform = np.eye(4)
+    if reg["enabled"]:
+        try:
+            transform = register_to_template(work, work_affine, reg, working)
+        except RuntimeError as err:  # ANTs reports a failed registration as RuntimeError
+            raise ScanRejected(f"registration failed ({_one_line(err)})", source) from None
+    lap("registration")
+    fitted = refined = False
+    if field is not None and bias["template_fit"]["enabled"] and reg["enabled"]:
+        refit = template_bias_field(raw, work_affine, transform, bias["template_fit"], working)
+        if refit is not None:
+            field, work, fitted = refit, raw / refit, True
+    lap("template_fit")
+    if fitted and reg["refine"]:
+        image, image_affine, spacing, levels = work, work_affine, working, reg
+        fine = reg["refine_spacing_mm"]
+        if fine is not None and float(fine) < working and native is not None:
+            spacing = float(fine)
+            image, image_affine = block_average(*native, block_factors(native[1], spacing))
+            image = image / resample_to_grid(
+                field, work_affine, image.shape, image_affine, order=1, mode="nearest"
+            )
+            # the alignment is close already: one level at that resolution
+            levels = {**reg, "iterations": [50], "shrink_factors": [1], "smoothing_sigmas_vox": [0]}
+        try:
+            transform = register_to_template(
+                image, image_affine, levels, spacing, initial=transform
+            )
+        except RuntimeError as err:
+            raise ScanRejected(f"registration failed ({_one_line(err)})", source) from None
+        refined = True
+    lap("refine_registration")
+    return Aligned(work, field, transform, fitted, refined)
 
 
 class _Clock:

@@ -28,12 +28,20 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from nidl_dino.preprocessing.ants_bridge import ants_transform_to_ras, to_ants_image
+from nidl_dino.preprocessing.ants_bridge import (
+    ants_transform_to_ras,
+    to_ants_image,
+    write_ras_transform,
+)
 from nidl_dino.preprocessing.template import BRAIN_THRESHOLD, template_at
 
 
 def register_to_template(
-    data: np.ndarray, affine: np.ndarray, params: dict[str, Any], working_spacing_mm: float
+    data: np.ndarray,
+    affine: np.ndarray,
+    params: dict[str, Any],
+    working_spacing_mm: float,
+    initial: np.ndarray | None = None,
 ) -> np.ndarray:
     """Fit the affine-family transform between the MNI152 template and a subject image.
 
@@ -45,6 +53,8 @@ def register_to_template(
             ``iterations``, ``shrink_factors``, ``smoothing_sigmas_vox``,
             ``use_template_mask``, ``random_seed``).
         working_spacing_mm: resolution of the template used as the fixed image (mm).
+        initial: a transform (template to subject RAS+ mm) to start from, e.g. a first pass's;
+            the rigid stage is then skipped (None: from the centres of mass, rigid first).
 
     Returns:
         float64 array (4, 4): template RAS+ mm to subject RAS+ mm.
@@ -68,17 +78,20 @@ def register_to_template(
         "random_seed": None if params["random_seed"] is None else int(params["random_seed"]),
     }
     stages = []
-    if params["rigid_first"]["enabled"] and params["type"] != "Rigid":
+    if initial is None and params["rigid_first"]["enabled"] and params["type"] != "Rigid":
         stages.append(("Rigid", params["rigid_first"], None))
     stages.append((str(params["type"]), params, mask))
     with tempfile.TemporaryDirectory(prefix="nidl_dino_reg_") as tmp:
         # None: ANTs starts from the alignment of the centres of mass.
-        initial = None
+        start = None
+        if initial is not None:
+            start = str(Path(tmp) / "initial.mat")
+            write_ras_transform(initial, start)
         for i, (kind, levels, stage_mask) in enumerate(stages):
             result = ants.registration(
                 type_of_transform=kind,
                 mask=stage_mask,
-                initial_transform=initial,
+                initial_transform=start,
                 outprefix=str(Path(tmp) / f"stage{i}_"),
                 aff_iterations=tuple(int(n) for n in levels["iterations"]),
                 aff_shrink_factors=tuple(int(n) for n in levels["shrink_factors"]),
@@ -86,8 +99,8 @@ def register_to_template(
                 **common,
             )
             # With an initial transform, ANTs writes the composition (initial then stage).
-            initial = result["fwdtransforms"][0]
-        return ants_transform_to_ras(ants.read_transform(initial))
+            start = result["fwdtransforms"][0]
+        return ants_transform_to_ras(ants.read_transform(start))
 
 
 #: FreeSurfer's eTIV scale factor (ml): the intracranial volume of a head whose transform to

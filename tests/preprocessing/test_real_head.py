@@ -19,12 +19,12 @@ import pytest
 from scipy import ndimage
 
 from nidl_dino.preprocessing import merge_config, output_paths, preprocess_scan
-from nidl_dino.preprocessing.bias import n4_bias_field, template_bias_field
+from nidl_dino.preprocessing.bias import n4_bias_field
 from nidl_dino.preprocessing.io import read_nifti
 from nidl_dino.preprocessing.mask import brain_mask_on_grid, foreground_mask
 from nidl_dino.preprocessing.orientation import reorient_to_ras
+from nidl_dino.preprocessing.pipeline import correct_and_register
 from nidl_dino.preprocessing.qc import BRAIN_CENTRE_MM, local_optimum, qc_flags
-from nidl_dino.preprocessing.registration import register_to_template
 from nidl_dino.preprocessing.resample import block_average, block_factors
 from nidl_dino.preprocessing.template import BRAIN_THRESHOLD, template_1mm
 from nidl_dino.preprocessing.validate import validate_image
@@ -149,12 +149,14 @@ def untouched(real_head, tmp_path_factory):
     }
 
 
-#: Largest error (mm) at the brain edge accepted per acquisition: 1 mm, the issue's bar, except
-#: where measured above it (2026-12, one ITK thread): the strong bias field (1.39 mm: N4 leaves
-#: about a third of it, see benchmarks/bias_correction.py), the cropped field of view, the
-#: skull-stripped copy (1.10 mm) and the 0.5 mm volume (1.80 mm; a separate reconstruction, whose
-#: alignment with ch2 is itself known to about a millimetre). Open work, not a bar met.
-MAX_EDGE_ERROR_MM = {"bias_noise": 1.5, "cropped": 1.5, "ch2better": 2.0, "ch2bet": 1.5}
+#: Largest error (mm) at the brain edge accepted per acquisition: 1 mm, the issue's bar, for every
+#: re-acquisition of the ch2 file. The skull-stripped copy and the 0.5 mm reconstruction are other
+#: files of the head; with the shipped refinement at 4 mm they end 1.09 and 1.21 mm off (2026-12,
+#: one ITK thread), within 1 mm with ``registration.refine_spacing_mm: 2`` (tested below).
+MAX_EDGE_ERROR_MM = {"ch2better": 1.25, "ch2bet": 1.25}
+
+#: The refinement at 2 mm (about 4 s more per scan).
+FINE = {**CONFIG, "registration": {"refine_spacing_mm": 2.0}}
 
 
 def test_skull_stripped_and_whole_head_give_close_volumes(untouched, real_head):
@@ -170,14 +172,14 @@ def test_skull_stripped_and_whole_head_give_close_volumes(untouched, real_head):
     assert np.abs(stripped[inside] - untouched["volume"][inside]).mean() < 0.052
 
 
-def check_against_untouched(record, folder, prefix, untouched, m, min_r=0.95):
+def check_against_untouched(record, folder, prefix, untouched, m, min_r=0.95, limit=None):
     assert record["status"] == "ok", record["reason"]
     found = np.array(record["steps"]["registration"]["template_to_subject_ras"])
     points = brain_edge_points()
     errors = np.linalg.norm(
         apply(found, points) - apply(m @ untouched["transform"], points), axis=1
     )
-    limit = MAX_EDGE_ERROR_MM.get(prefix, 1.0)
+    limit = MAX_EDGE_ERROR_MM.get(prefix, 1.0) if limit is None else limit
     assert errors.max() < limit, f"{prefix}: max {errors.max():.2f} mm at the brain edge"
     img = nib.load(output_paths(folder, prefix, CONFIG)["volume"])
     volume = np.asarray(img.dataobj)
@@ -201,11 +203,64 @@ def test_real_head_acquisition_registers_and_matches(untouched, kind):
     (folder / f"{kind}_summary.json").write_text(json.dumps({"error_mm": error, "r": r}))
 
 
+@pytest.fixture(scope="module")
+def untouched_fine(untouched, real_head):
+    """The untouched head preprocessed with the 2 mm refinement (its transform: the reference)."""
+    folder = untouched["folder"] / "fine"
+    record = preprocess_scan(real_head["ch2.nii.gz"], folder, "ch2", FINE)
+    assert record["status"] == "ok" and record["steps"]["registration"]["refined"]
+    transform = np.array(record["steps"]["registration"]["template_to_subject_ras"])
+    volume = np.asarray(nib.load(output_paths(folder, "ch2", FINE)["volume"]).dataobj)
+    return {**untouched, "folder": folder, "transform": transform, "volume": volume}
+
+
+def test_skull_stripped_copy_within_1_mm_with_the_2_mm_refinement(untouched_fine, real_head):
+    folder = untouched_fine["folder"]
+    record = preprocess_scan(real_head["ch2bet.nii.gz"], folder, "ch2bet", FINE)
+    # ch2bet is ch2's voxels inside its brain: the same positions (a direct rigid registration
+    # of the two at 1 mm finds them 0.3 mm apart at the brain's edge)
+    error, _ = check_against_untouched(
+        record, folder, "ch2bet", untouched_fine, np.eye(4), limit=1.0
+    )
+    assert error < 1.0
+
+
+def same_head_relation(fixed: str, moving: str) -> np.ndarray:
+    """Where ``moving``'s points of the same head lie, from ``fixed``'s (RAS+ mm, affine):
+    a direct registration of the two images at full resolution (same subject, same contrast)."""
+    import ants
+
+    from nidl_dino.preprocessing.ants_bridge import ants_transform_to_ras, to_ants_image
+
+    images = []
+    for path in (fixed, moving):
+        img = nib.load(path)
+        images.append(to_ants_image(np.asarray(img.get_fdata(dtype=np.float32)), img.affine))
+    found = ants.registration(
+        images[0],
+        images[1],
+        type_of_transform="Affine",
+        aff_metric="GC",
+        aff_iterations=(200, 100, 50),
+        aff_shrink_factors=(4, 2, 1),
+        aff_smoothing_sigmas=(2, 1, 0),
+        random_seed=1,
+    )
+    return ants_transform_to_ras(ants.read_transform(found["fwdtransforms"][0]))
+
+
 @pytest.mark.slow
-def test_real_head_half_millimetre_volume(untouched, real_head):
+def test_real_head_half_millimetre_volume(untouched, untouched_fine, real_head):
+    # ch2better is another reconstruction of the head: 0.4-0.5 % larger than ch2 and 0.5 mm
+    # shifted (0.8 mm at the brain's edge); that relation, measured directly, is the truth
+    m = same_head_relation(real_head["ch2.nii.gz"], real_head["ch2better.nii.gz"])
+    assert abs(np.linalg.det(m[:3, :3]) - 1.0) < 0.03
     folder = untouched["folder"] / "out"
     record = preprocess_scan(real_head["ch2better.nii.gz"], folder, "ch2better", CONFIG)
-    check_against_untouched(record, folder, "ch2better", untouched, np.eye(4), min_r=0.9)
+    check_against_untouched(record, folder, "ch2better", untouched, m, min_r=0.9)
+    folder = untouched_fine["folder"]
+    record = preprocess_scan(real_head["ch2better.nii.gz"], folder, "ch2better", FINE)
+    check_against_untouched(record, folder, "ch2better", untouched_fine, m, min_r=0.9, limit=1.0)
 
 
 def test_macaque_is_excluded_with_a_reason(real_head, tmp_path):
@@ -291,15 +346,8 @@ def strong_field(head: nib.Nifti1Image) -> np.ndarray:
 
 
 def final_field(work: np.ndarray, affine: np.ndarray, config: dict) -> np.ndarray:
-    """The field preprocess_scan divides by: N4, registration of the N4-corrected image, then
-    (when on) the template fit on the uncorrected image."""
-    bias = config["bias_correction"]
-    field = n4_bias_field(work, affine, foreground_mask(work), bias)
-    if not bias["template_fit"]["enabled"]:
-        return field
-    working = config["working_spacing_mm"]
-    transform = register_to_template(work / field, affine, config["registration"], working)
-    return template_bias_field(work, affine, transform, bias["template_fit"], working)
+    """The field preprocess_scan divides by (its ``correct_and_register``)."""
+    return correct_and_register(work, affine, foreground_mask(work), config).field
 
 
 @pytest.fixture(scope="module")
