@@ -142,6 +142,9 @@ def _crash_record(scan: dict, files: ScanFiles, reason: str) -> dict:
     }
     files.folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(files.qc_json, json.dumps(record, indent=2, default=str) + "\n")
+    from nidl_dino.preprocessing.qc import save_text_png
+
+    save_text_png(files.qc_png, f"{scan['scan_id']}: excluded", reason)
     return record
 
 

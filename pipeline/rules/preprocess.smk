@@ -3,7 +3,11 @@
 # is a QC record with status "excluded" and its reason, never a failed job, so one bad file cannot
 # stop the other subjects. A scan's outputs are in sub-<label>/[ses-<label>/]anat/ below
 # output_dir, named after its BIDS entities (nidl_dino/workflow/layout.py); the batch's declared output is
-# its table (scan_id, status, reason). A re-run skips the scans already done.
+# its table (scan_id, status, reason). A re-run skips the scans already done. Every scan's QC
+# record and picture are written (an excluded or crashed scan's too) but not declared: Snakemake
+# deletes a job's declared outputs before it reruns it (new subjects in the batch, a killed job),
+# which would discard the batch's finished scans; update() outputs, which it keeps, do not make a
+# job rerun when they are missing (tried: a grown batch was not rerun).
 
 
 rule preprocess:

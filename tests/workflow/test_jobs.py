@@ -74,6 +74,7 @@ def test_batch_isolates_each_scan_and_redoes_only_what_is_missing(tmp_path, scan
     assert "killed by signal 9" in by_scan["sub-03"]["reason"]
     crashed = json.loads((out / "sub-03/anat/sub-03_desc-qc_T1w.json").read_text())
     assert crashed["status"] == "excluded" and crashed["scan_id"] == "sub-03"
+    assert (out / "sub-03/anat/sub-03_desc-qc_T1w.png").is_file()  # every scan has its picture
     assert (tmp_path / "logs" / "sub-00.log").exists()
     for scan in ("sub-00", "sub-01"):
         files = layout.scan(scan)
