@@ -33,6 +33,7 @@ from nidl_dino.workflow.setup import (
     discover,
     fail,
     preprocess_batches,
+    preprocess_rule_name,
     source_description,
     write_scan_cache,
 )
@@ -82,7 +83,6 @@ onstart:
 
 wildcard_constraints:
     scan=scan_id_wildcard_constraint(),
-    batch=r"batch-\d+",
 
 
 if DEMO is not None:

@@ -76,7 +76,10 @@ def fake_bids(root: Path, n: int) -> Path:
 
 
 def _jobs(text: str, rule: str = "total") -> int:
-    """Jobs of one rule (or the total) in the job-count table of ``snakemake -n``."""
+    """Jobs of one rule (or the total) in the job-count table of ``snakemake -n``; ``preprocess``
+    counts the jobs of every batch's rule (``preprocess_batch_NNNN``)."""
+    if rule == "preprocess":
+        return sum(int(n) for n in re.findall(r"\npreprocess_batch_\d+\s+(\d+)", text)) or -1
     match = re.search(rf"\n{rule}\s+(\d+)", text)
     return int(match.group(1)) if match else -1
 

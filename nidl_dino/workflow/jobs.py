@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import traceback
 from collections.abc import Iterator
@@ -113,20 +114,50 @@ def input_signature(path: str | os.PathLike, config: dict | None) -> dict:
 
 
 def _done_record(files: ScanFiles, signature: dict) -> dict | None:
-    """The QC record of a scan whose files match ``signature`` and are all there, else None."""
+    """The QC record of a scan done with ``signature`` whose files are there, else None.
+
+    The record is kept in the signature file, and the picture under a second name
+    (:func:`_keep_done`): Snakemake deletes a job's declared outputs (the QC record and picture)
+    before it reruns the job, so they are restored from there rather than recomputed.
+    """
     import json
 
     try:
-        if json.loads(files.signature.read_text()) != signature:
-            return None
-        record = json.loads(files.qc_json.read_text())
+        kept = json.loads(files.signature.read_text())
     except (OSError, ValueError):
+        return None
+    if not isinstance(kept, dict) or kept.get("input") != signature:
+        return None
+    record = kept.get("record")
+    if not isinstance(record, dict) or not files.qc_png_kept.is_file():
         return None
     if record.get("status") == "ok" and not all(
         path.is_file() for path in (files.volume, files.mask, files.transform)
     ):
         return None
+    if not files.qc_json.is_file():
+        write_text_atomic(files.qc_json, json.dumps(record, indent=2, default=str) + "\n")
+    if not files.qc_png.is_file():
+        _link_or_copy(files.qc_png_kept, files.qc_png)
     return record
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (no space), or a copy where links fail."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(source, target)
+
+
+def _keep_done(files: ScanFiles, signature: dict, record: dict) -> None:
+    """Record a finished scan: its signature and QC record, and its picture's second name."""
+    import json
+
+    _link_or_copy(files.qc_png, files.qc_png_kept)
+    kept = {"input": signature, "record": record}
+    write_text_atomic(files.signature, json.dumps(kept, default=str) + "\n")
 
 
 def _crash_record(scan: dict, files: ScanFiles, reason: str) -> dict:
@@ -154,6 +185,7 @@ def preprocess_batch(
     config: dict | None,
     workers: int = 1,
     log_dir: str | os.PathLike | None = None,
+    retry: str = "snakemake --forcerun <its preprocess_batch_NNNN rule>",
 ) -> list[dict]:
     """Preprocess many scans in one job: imports and template grids once, each scan isolated.
 
@@ -174,6 +206,7 @@ def preprocess_batch(
         config: the ``preprocessing:`` section.
         workers: scans preprocessed at the same time (one process each).
         log_dir: a ``<scan_id>.log`` per scan goes here (the scan's warnings and tracebacks).
+        retry: the command that reruns this batch, named in a crashed scan's reason.
 
     Returns:
         One row per scan: ``scan_id``, ``status``, ``reason``, ``skipped`` (already done).
@@ -242,13 +275,12 @@ def preprocess_batch(
             record = _crash_record(
                 scan,
                 files,
-                f"preprocessing crashed ({why}); re-run its batch to retry "
-                "(snakemake --forcerun preprocess)",
+                f"preprocessing crashed ({why}); re-run its batch to retry ({retry})",
             )
             log.error("%s: preprocessing crashed (%s)", scan["scan_id"], why)
         else:
             record = json.loads(files.qc_json.read_text())
-            write_text_atomic(files.signature, json.dumps(signature) + "\n")
+            _keep_done(files, signature, record)
         results[scan["scan_id"]] = {
             "status": record["status"],
             "reason": record["reason"],

@@ -201,8 +201,15 @@ class ScanFiles:
 
     @property
     def signature(self) -> Path:
-        """What the files were made from: input file and configuration (jobs.py)."""
+        """What the files were made from (input file and configuration) and the scan's QC
+        record (jobs.py)."""
         return self.folder / f".{self.source}.nidl-dino-done.json"
+
+    @property
+    def qc_png_kept(self) -> Path:
+        """A second name (hard link, else copy) of the QC picture, which the workflow does not
+        declare: restored from when Snakemake deletes a rerun job's declared outputs."""
+        return self.folder / f".{self.source}.nidl-dino-qc.png"
 
 
 @dataclass(frozen=True)

@@ -346,6 +346,11 @@ def preprocess_batches(scan_ids: list[str], scans_per_job: int) -> dict[str, lis
     }
 
 
+def preprocess_rule_name(batch: str) -> str:
+    """The rule of a preprocessing batch: ``batch-0001`` -> ``preprocess_batch_0001``."""
+    return "preprocess_" + batch.replace("-", "_")
+
+
 def loader_threads(num_workers: int | str, threads: int | None) -> int:
     """A rule's threads from its loader workers and ``resources.<rule>.threads``.
 

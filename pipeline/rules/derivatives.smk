@@ -18,7 +18,8 @@ rule dataset_description:
     conda:
         "../../envs/tables.yaml"
     params:
-        bids_dir=config.get("bids_dir") or "",
+        # the source dataset's root (not only its description, which it may lack)
+        bids_dir=lambda wc: config.get("bids_dir") or "",
         generated_by=generated_by(workflow.basedir),
         layout=LAYOUT.params([]),
     script:

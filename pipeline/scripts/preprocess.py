@@ -22,5 +22,6 @@ with job(snakemake.log[0], "preprocess"):
         snakemake.params.config,
         workers=snakemake.threads,
         log_dir=snakemake.params.log_dir,
+        retry=f"snakemake --forcerun {snakemake.rule}",
     )
-    write_table_atomic(pd.DataFrame(results), snakemake.output[0])
+    write_table_atomic(pd.DataFrame(results), snakemake.output.table)

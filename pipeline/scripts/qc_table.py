@@ -14,7 +14,7 @@ from nidl_dino.workflow.tables import qc_table, write_table_atomic
 with job(snakemake.log[0], "qc_table"):
     layout = Layout(**snakemake.params.layout)
     records = []
-    for batch in snakemake.input:
+    for batch in snakemake.input.batches:
         for scan in pd.read_csv(batch, sep="\t", dtype=str)["scan_id"]:
             records.append(json.loads(layout.scan(scan).qc_json.read_text()))
     write_table_atomic(qc_table(records), snakemake.output[0])

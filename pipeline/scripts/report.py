@@ -11,11 +11,8 @@ from nidl_dino.workflow.tables import read_qc_table
 
 with job(snakemake.log[0], "report"):
     layout = Layout(**snakemake.params.layout)
-    pngs = {}
-    for scan in read_qc_table(snakemake.input.qc)["scan_id"]:
-        picture = layout.scan(scan).qc_png
-        if picture.exists():
-            pngs[scan] = picture
+    # every scan's picture is an input of this job (a declared output of its batch's job)
+    pngs = {scan: layout.scan(scan).qc_png for scan in read_qc_table(snakemake.input.qc)["scan_id"]}
     write_report(
         snakemake.output.html,
         qc_tsv=snakemake.input.qc,

@@ -92,6 +92,18 @@ def test_batch_isolates_each_scan_and_redoes_only_what_is_missing(tmp_path, scan
     assert not again["sub-03"]["skipped"] and again["sub-03"]["status"] == "ok"
     assert volume.stat().st_mtime_ns == before
 
+    # Snakemake deletes a rerun job's declared outputs (QC record and picture): a finished scan's
+    # are restored as they were, not recomputed
+    files = layout.scan("sub-02")  # the all-zero volume: an excluded scan
+    kept = {path: path.read_bytes() for path in (files.qc_json, files.qc_png)}
+    for path in kept:
+        path.unlink()
+    restored = {r["scan_id"]: r for r in jobs.preprocess_batch(scans, out, NO_REG, workers=2)}
+    assert all(row["skipped"] for row in restored.values())
+    assert restored["sub-02"]["status"] == "excluded"
+    assert {path: path.read_bytes() for path in kept} == kept
+    assert volume.stat().st_mtime_ns == before
+
     # another preprocessing configuration redoes every scan
     other = {**NO_REG, "normalization": {"method": "zscore"}}
     redone = jobs.preprocess_batch(scans[:1], out, other, workers=1)
@@ -114,6 +126,7 @@ def test_batch_names_files_after_the_scans_bids_entities(tmp_path, scans):
     folder = tmp_path / "out" / "sub-00" / "anat"
     assert sorted(p.name for p in folder.iterdir()) == [
         ".sub-00_acq-fast_run-2.nidl-dino-done.json",
+        ".sub-00_acq-fast_run-2.nidl-dino-qc.png",
         "sub-00_acq-fast_run-2_desc-qc_T1w.json",
         "sub-00_acq-fast_run-2_desc-qc_T1w.png",
         "sub-00_acq-fast_run-2_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.mat",

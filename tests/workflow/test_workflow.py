@@ -16,9 +16,14 @@ from workflow_helpers import REPO, dry_run, snakemake, tiny_bids
 
 
 def _jobs(stdout: str) -> dict[str, int]:
+    """Jobs per rule of a dry run; ``preprocess``: the jobs of every batch's rule together."""
     table = re.search(r"Job stats:\njob\s+count\n[- ]+\n(.*?)\ntotal", stdout, re.S)
     assert table, stdout
-    return {name: int(n) for name, n in (line.split() for line in table.group(1).splitlines())}
+    jobs: dict[str, int] = {}
+    for name, n in (line.split() for line in table.group(1).splitlines()):
+        key = "preprocess" if name.startswith("preprocess_batch_") else name
+        jobs[key] = jobs.get(key, 0) + int(n)
+    return jobs
 
 
 @pytest.fixture
@@ -206,7 +211,7 @@ def test_slurm_profile_overrides_keep_the_other_resources(tmp_path, bids):
     assert train["mem_mb"] == "3000" and train["gpu"] == "1" and train["runtime"] == "720"
     assert train["slurm_partition"] == "gpu2"
     assert _resources_of("extract", res.stdout)["mem_mb"] == "8000"
-    assert _resources_of("preprocess", res.stdout)["slurm_partition"] == "debug"
+    assert _resources_of("preprocess_batch_0001", res.stdout)["slurm_partition"] == "debug"
 
 
 def test_gpu_recipe_overlay_dry_runs_through_the_slurm_profile(tmp_path, bids):
