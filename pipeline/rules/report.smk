@@ -15,7 +15,6 @@ rule report:
             else {}
         ),
         qc=LAYOUT.qc_tsv,
-        pictures=[LAYOUT.scan(s).qc_png for s in SCAN_IDS],
         scores=LAYOUT.probe_scores,
         card=LAYOUT.model_card_md,
         predictions=LAYOUT.probe_predictions,

@@ -11,7 +11,9 @@ from nidl_dino.workflow.tables import read_qc_table
 
 with job(snakemake.log[0], "report"):
     layout = Layout(**snakemake.params.layout)
-    # every scan's picture is an input of this job (a declared output of its batch's job)
+    # every scan's picture: a declared output of its batch's job, which qc.tsv depends on (each
+    # scan's record, written with its picture); not listed as inputs here, which would double
+    # the DAG's cost at 10,000 scans
     pngs = {scan: layout.scan(scan).qc_png for scan in read_qc_table(snakemake.input.qc)["scan_id"]}
     write_report(
         snakemake.output.html,
