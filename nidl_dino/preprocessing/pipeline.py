@@ -433,12 +433,19 @@ def correct_and_register(
             # the alignment is close already: one level at that resolution
             levels = {**reg, "iterations": [50], "shrink_factors": [1], "smoothing_sigmas_vox": [0]}
         try:
-            transform = register_to_template(
+            candidate = register_to_template(
                 image, image_affine, levels, spacing, initial=transform
             )
         except RuntimeError as err:
             raise ScanRejected(f"registration failed ({_one_line(err)})", source) from None
-        refined = True
+        # at the working resolution, kept only where it raises the similarity QC measures (on a
+        # noisy image the metric's random samples can pull it off the maximum: 2 of 72
+        # strong-bias demo scans); a finer refinement is asked for and kept
+        keep = spacing < working or similarity_to_template(
+            work, work_affine, candidate, working
+        ) > similarity_to_template(work, work_affine, transform, working)
+        if keep:
+            transform, refined = candidate, True
     lap("refine_registration")
     return Aligned(work, field, transform, fitted, refined)
 
