@@ -14,7 +14,10 @@ baseline of ``probes/comparison.tsv`` (chance, intensity PCA, random weights, br
 ceiling (the same probes on the generator's own latents). A summary over the variants, the
 machine (:func:`nidl_dino.machine.describe_machine`) and the time of each stage close the output;
 ``OUT/summary.tsv`` keeps the numbers. Re-running with the same ``--out`` reuses finished cohorts
-and workflow steps (Snakemake): a changed ``--configfile`` only reruns the steps it touches.
+and workflow steps (Snakemake): a changed ``--configfile`` only reruns the steps it touches;
+``--reuse OUT`` starts a new ``--out`` from a copy of another run's cohorts, so comparing recipes
+pays for generation and preprocessing once, with ``--forcerun`` naming the first rule to redo
+(``benchmarks/levers.py`` runs the recipe levers that way).
 
 Tune and report sets (``--split``). A default chosen because it scored well on a cohort is fitted
 to that cohort: its number there is no longer an estimate of how it does elsewhere. So the
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import subprocess
 import sys
 import time
@@ -119,12 +123,23 @@ def deep_update(base: dict, overlay: dict) -> dict:
     return out
 
 
+def _skip_model_work(folder: str, names: list[str]) -> list[str]:
+    return ["work"] if Path(folder).name == "model" else []
+
+
 def run_variant(variant: BenchVariant, args, configfiles: list[Path]) -> dict:
     """Generate the cohort, run the workflow; return the timings and result folder."""
     from nidl_dino.demo import make_demo_dataset
 
     out = Path(args.out).resolve() / f"{variant.label}-seed{variant.seed}-n{args.scans}"
     bids = out / "bids"
+    if args.reuse and not out.exists():
+        seed_from = Path(args.reuse).resolve() / out.name
+        if seed_from.is_dir():
+            # Another run's cohort, preprocessing and baselines; Snakemake reruns only the steps
+            # whose config (rule params) differs. Checkpoints are left behind: a recipe trains
+            # from scratch.
+            shutil.copytree(seed_from, out, symlinks=True, ignore=_skip_model_work)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if not (bids / "participants.tsv").exists():
@@ -147,6 +162,7 @@ def run_variant(variant: BenchVariant, args, configfiles: list[Path]) -> dict:
         f"output_dir={out / 'results'}",
         "demo={'enabled': False}",
         *args.set,
+        *(["--forcerun", *args.forcerun] if args.forcerun else []),
     ]
     t1 = time.time()
     run = subprocess.run(cmd, cwd=out, capture_output=True, text=True)
@@ -308,6 +324,20 @@ def main() -> int:
     )
     parser.add_argument("--n-bad", type=int, default=0, help="broken scans per cohort (0)")
     parser.add_argument("--out", default="/tmp/nidl-dino-feature-quality")
+    parser.add_argument(
+        "--forcerun",
+        nargs="+",
+        metavar="RULE",
+        help="rerun these rules and what follows them (snakemake --forcerun); with --reuse, "
+        "Snakemake has no record of the copied outputs' config, so name the first rule the "
+        "overrides touch (extract, train, or every preprocess_batch_NNNN)",
+    )
+    parser.add_argument(
+        "--reuse",
+        metavar="OUT",
+        help="start each new cohort folder as a copy of OUT's (another run's --out): its data "
+        "and preprocessing are reused, only the steps the config changes rerun",
+    )
     parser.add_argument("--cores", type=int, default=2)
     args = parser.parse_args()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.nets.densenet import DenseNet
 from monai.networks.nets.resnet import ResNet
 from torch import nn
@@ -85,26 +86,38 @@ class StagePooling(nn.Module):
 
     With ``std=True`` each feature map also gives its spatial standard deviation per channel (how
     much a channel's response varies across the brain, a texture/contrast summary the mean loses);
-    vectors (ViT tokens) have no spatial extent and give their values only. Layout: the standard
-    deviations of every map first, then the means; so the last ``encoder.output_dim`` features
-    are always the encoder's own output.
+    vectors (ViT tokens) have no spatial extent and give their values only. With ``quantiles``
+    each map also gives, per channel, those quantiles of its values over the brain (the voxels
+    where the input is non-zero: preprocessed volumes are zero outside the dilated brain mask),
+    a histogram-like summary of the channel, as the brain-intensity histogram is of the
+    intensities. Layout: the quantiles of every map (channel-major), then the standard
+    deviations, then the means; so the last ``encoder.output_dim`` features are always the
+    encoder's own output.
 
     Args:
         encoder: a backbone that :func:`stage_outputs` knows.
         std: add the per-channel spatial standard deviation of each feature map.
         probe_size: input size (voxels) of the one forward pass that finds ``output_dim``;
             ``None``: the ViT's ``img_size``, else 32^3.
+        quantiles: spatial quantiles in [0, 1] per channel of each feature map (none: off).
 
     Shape:
         ``(B, C, D, H, W)`` -> ``(B, sum of the stages' channels [x 2 with std for maps])``.
     """
 
     def __init__(
-        self, encoder: nn.Module, std: bool = False, probe_size: Sequence[int] | None = None
+        self,
+        encoder: nn.Module,
+        std: bool = False,
+        probe_size: Sequence[int] | None = None,
+        quantiles: Sequence[float] = (),
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.std = bool(std)
+        self.quantiles = tuple(float(q) for q in quantiles)
+        if any(not 0.0 <= q <= 1.0 for q in self.quantiles):
+            raise ValueError(f"StagePooling: quantiles must lie in [0, 1], got {self.quantiles}")
         if probe_size is None:
             probe_size = getattr(encoder, "img_size", (32, 32, 32))
         param = next(encoder.parameters(), None)
@@ -122,7 +135,27 @@ class StagePooling(nn.Module):
         outputs = stage_outputs(self.encoder, x)
         means = [t.flatten(2).mean(dim=2) if t.ndim > 2 else t for t in outputs]
         stds = [t.flatten(2).std(dim=2, correction=0) for t in outputs if self.std and t.ndim > 2]
-        return torch.cat(stds + means, dim=1)
+        if not self.quantiles:
+            return torch.cat(stds + means, dim=1)
+        inside = (x != 0).any(dim=1, keepdim=True).float()
+        spreads = [self._quantiles(t, inside) for t in outputs if t.ndim > 2]
+        return torch.cat(spreads + stds + means, dim=1)
+
+    def _quantiles(self, t: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        # Order statistics of each channel over the voxels inside the input's non-zero region
+        # (area-resampled to the map's grid), (B, C * len(quantiles)), channel-major; a sample
+        # with no such voxel uses the whole map. A sort, not torch.quantile (which refuses more
+        # than 2^24 elements: a batch of 64^3 maps); the nearest rank at or below q (n - 1).
+        b, c = t.shape[:2]
+        keep = F.interpolate(inside, size=t.shape[2:], mode="area").flatten(1) > 0.5
+        keep |= ~keep.any(dim=1, keepdim=True)
+        flat = t.float().flatten(2).masked_fill(~keep[:, None, :], float("inf"))
+        flat = flat.sort(dim=2).values
+        counts = keep.sum(dim=1, keepdim=True).float()  # (B, 1)
+        q = torch.tensor(self.quantiles, device=t.device, dtype=torch.float32)[None, :]
+        index = torch.floor(q * (counts - 1)).long()  # (B, Q)
+        picked = flat.gather(2, index[:, None, :].expand(b, c, -1))
+        return picked.flatten(1).to(t.dtype)
 
 
 def _in_channels(encoder: nn.Module) -> int:
@@ -136,7 +169,11 @@ def _in_channels(encoder: nn.Module) -> int:
 #: Feature readouts of ``extract.pooling``: ``last`` (the encoder's output, what DINO trains),
 #: ``stages`` (spatial mean of every stage, :class:`StagePooling`) or ``stages_mean_std`` (and
 #: each stage's spatial standard deviation).
-POOLINGS = ("last", "stages", "stages_mean_std")
+POOLINGS = ("last", "stages", "stages_mean_std", "stages_quantiles")
+#: The spatial quantiles of ``stages_quantiles``: a 5-point summary of each channel's
+#: distribution over the volume (in the spirit of the brain-intensity histogram baseline,
+#: for learned channels).
+STAGE_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 #: The readout when config.yaml's ``extract.pooling`` is absent (its shipped value).
 DEFAULT_POOLING: str = defaults("extract", "pooling")
 
@@ -151,4 +188,6 @@ def feature_encoder(encoder: nn.Module, pooling: str = DEFAULT_POOLING) -> nn.Mo
         return encoder
     if pooling in ("stages", "stages_mean_std"):
         return StagePooling(encoder, std=pooling == "stages_mean_std")
+    if pooling == "stages_quantiles":
+        return StagePooling(encoder, std=True, quantiles=STAGE_QUANTILES)
     raise UserError(f"extract.pooling={pooling!r}; choose one of {', '.join(POOLINGS)}")

@@ -282,6 +282,50 @@ def test_stages_mean_std_puts_each_maps_spatial_std_first():
         np.testing.assert_allclose(features[:, -4:], encoder(x).numpy(), rtol=1e-6)
 
 
+def test_stages_quantiles_are_order_statistics_over_the_brain_only():
+    from nidl_dino.encoders.readout import STAGE_QUANTILES, StagePooling, feature_encoder
+
+    class Identity(torch.nn.Module):
+        # one stage: the input itself, and a 2x coarser copy (block means)
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def stage_outputs(self, x):
+            return [x * self.scale, torch.nn.functional.avg_pool3d(x, 2)]
+
+    # A brain of n = 4^3 = 64 voxels holding 1..64 in a random order, zeros around it.
+    n = 64
+    x = torch.zeros(2, 1, 8, 8, 8)
+    x[:, 0, 2:6, 2:6, 2:6] = (torch.randperm(n) + 1).float().reshape(4, 4, 4)
+    x[1] *= 2.0
+    quantiles = (0.0, 0.1, 0.5, 0.9, 1.0)
+    pooled = StagePooling(Identity(), std=True, quantiles=quantiles)
+    with torch.no_grad():
+        features = pooled(x)
+    # rank floor(q (n - 1)) of the sorted brain values 1..n is the value floor(q (n - 1)) + 1;
+    # the zeros outside are not counted
+    expected = torch.tensor([float(int(q * (n - 1)) + 1) for q in quantiles])
+    torch.testing.assert_close(features[0, : len(quantiles)], expected)
+    torch.testing.assert_close(features[1, : len(quantiles)], 2 * expected)
+    # the coarse map's brain is the 2^3 blocks of 2:6 (each block mean of 8 brain voxels)
+    coarse = torch.nn.functional.avg_pool3d(x, 2)[0, 0, 1:3, 1:3, 1:3].flatten().sort().values
+    torch.testing.assert_close(
+        features[0, len(quantiles) : 2 * len(quantiles)],
+        coarse[[int(q * 7) for q in quantiles]],
+    )
+    # then the standard deviations and means of both maps, as stages_mean_std
+    assert features.shape[1] == 2 * len(quantiles) + 2 + 2
+    torch.testing.assert_close(features[:, -2], x.mean((1, 2, 3, 4)))
+    # the registry's readout uses the documented quantiles
+    encoder = build_encoder({"name": "small_cnn", "kwargs": {"channels": [2, 3]}}).eval()
+    # 5 quantiles, a std and a mean per channel of the 2 + 3 channels
+    assert feature_encoder(encoder, "stages_quantiles").output_dim == (5 + 2) * (2 + 3)
+    assert len(STAGE_QUANTILES) == 5
+    with pytest.raises(ValueError, match="quantiles"):
+        StagePooling(Identity(), quantiles=(1.5,))
+
+
 @needs_einops
 def test_stages_mean_std_of_a_vit_keeps_its_token_vectors_once():
     from nidl_dino.encoders.readout import feature_encoder

@@ -143,6 +143,22 @@ def test_chance_predicts_the_training_mean_of_each_fold(probed):
         assert np.allclose(fold_rows["y_pred"], table.loc[train_rows, "age"].mean())
 
 
+def test_regression_predictions_stay_within_the_training_folds_ages():
+    # age is linear in the one feature; one scan's feature is 100x beyond the others, so an
+    # unclipped linear probe would predict it about 100x too far from the mean age
+    table, signal, _ = make_cohort(n=40, seed=3)
+    x = signal[:, :1].copy()
+    table["age"] = 50.0 + 10.0 * x[:, 0]
+    x[7, 0] = 100.0 * np.abs(x).max()
+    predictions = predictions_of({"x": x}, table, ["age"], n_splits=4, n_repeats=1)
+    for _, fold in predictions.groupby("fold"):
+        train_ages = table.loc[table.index.difference(fold["row"]), "age"]
+        assert fold["y_pred"].between(train_ages.min(), train_ages.max()).all()
+        if table.index[7] in set(fold["row"]):
+            outlier = fold.loc[fold["row"] == table.index[7], "y_pred"].iloc[0]
+            assert outlier == pytest.approx(train_ages.max())
+
+
 def test_classification_scores_match_hand_formulas(probed):
     _, scores, predictions = probed
     rows = predictions.query("feature_set == 'noise' and target == 'sex'")

@@ -109,6 +109,9 @@ def run_probes(
     alone. When ``group_by`` names a column with repeated values (several sessions of one
     participant), outer and inner folds keep each group on one side (``StratifiedGroupKFold``).
 
+    Regression predictions are clipped to the target's range in the outer training fold (a
+    linear probe can extrapolate without bound on an atypical scan).
+
     Nesting: inside every outer training fold, :func:`make_probe` searches the penalty on
     ``inner_splits`` inner folds with the scaler (and any :class:`FeatureSet` steps) refitted per
     inner split, then refits on the whole outer training fold. Test rows are only ever predicted.
@@ -297,7 +300,10 @@ def _fit_and_score(
         fit_params = {} if groups is None else {"groups": groups[train]}
         estimator.fit(X[train], y[train], **fit_params)
         if task == "regression":
-            y_pred = estimator.predict(X[test])
+            # A linear probe extrapolates without bound on a scan unlike any training scan (one
+            # atypical brain histogram gave an age of 362 years): predictions are kept within
+            # the training fold's target range, for every feature set alike.
+            y_pred = np.clip(estimator.predict(X[test]), y[train].min(), y[train].max())
             scores = {
                 "mae": mean_absolute_error(y[test], y_pred),
                 "r2": r2_score(y[test], y_pred),

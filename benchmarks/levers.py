@@ -1,0 +1,175 @@
+"""The recipe levers of issue 18, each measured on the tune cohorts against the shipped defaults.
+
+    python benchmarks/feature_quality.py --split tune --out BASE     # the shipped defaults first
+    python benchmarks/levers.py BASE                                 # every lever
+    python benchmarks/levers.py BASE koleo sinkhorn                  # some of them
+    python benchmarks/levers.py BASE --table                         # the table of finished runs
+    python benchmarks/levers.py BASE width_half --variants default   # one cohort only
+
+A lever is a set of ``snakemake --config`` overrides of config.yaml (:data:`LEVERS`). Each runs
+``feature_quality.py --split tune`` in ``BASE-levers/<lever>``, started from a copy of BASE's
+cohorts (``--reuse``): cohort generation and preprocessing are paid once, unless the lever
+changes the preprocessing. Its full output goes to ``BASE-levers/<lever>.log``. The closing
+table gives, per lever and cohort, DINO's age MAE and sex ROC-AUC (mean ± fold spread), the
+change from the defaults' run on the same cohort, and whether DINO beats every baseline by more
+than the spread. One training seed per run: a difference smaller than the spread between seeds
+(about 0.5 years of age MAE on 196 scans, benchmarks/README.md) is not a finding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+
+#: lever name -> snakemake --config overrides (config.yaml keys), and what it changes.
+LEVERS: dict[str, tuple[list[str], str]] = {
+    "readout_stages": (["extract={'pooling': 'stages'}"], "spatial means of every stage"),
+    "readout_last": (["extract={'pooling': 'last'}"], "the backbone's output only"),
+    "readout_quantiles": (
+        ["extract={'pooling': 'stages_quantiles'}"],
+        "+ 5 spatial quantiles per channel, in the brain",
+    ),
+    "koleo": (["dino={'koleo_weight': 0.1}"], "DINOv2's KoLeo, weight 0.1"),
+    "sinkhorn": (["dino={'teacher_centering': 'sinkhorn_knopp'}"], "Sinkhorn-Knopp teacher"),
+    "koleo_sinkhorn": (
+        ["dino={'koleo_weight': 0.1, 'teacher_centering': 'sinkhorn_knopp'}"],
+        "both DINOv2 regularisers",
+    ),
+    "epochs_90": (["trainer={'max_epochs': 90}"], "twice the epochs"),
+    "epochs_20": (["trainer={'max_epochs': 20}"], "under half the epochs"),
+    "local_crops_2": (["views={'num_local_crops': 2}"], "2 local crops instead of 6"),
+    "local_crops_10": (["views={'num_local_crops': 10}"], "10 local crops"),
+    "local_32": (
+        ["views={'local_size': [32, 32, 32], 'local_scale': [0.125, 0.125]}"],
+        "local crops 32^3 (1/8 of the volume)",
+    ),
+    "width_half": (["encoder={'kwargs': {'channels': [8, 16, 32, 64]}}"], "small_cnn halved"),
+    "width_double": (["encoder={'kwargs': {'channels': [32, 64, 128, 256]}}"], "doubled"),
+    "grid_2mm": (
+        [
+            "preprocessing={'resample': {'spacing_mm': 2.0}}",
+            "views={'local_size': [36, 36, 36]}",
+        ],
+        "2 mm grid (96^3), same view sizes and scales",
+    ),
+    "grid_4mm": (
+        [
+            "preprocessing={'resample': {'spacing_mm': 4.0}}",
+            "views={'local_size': [18, 18, 18]}",
+        ],
+        "4 mm grid (48^3), same view scales",
+    ),
+    "seed_1": (["seed=1"], "defaults, training seed 1 (the seed spread)"),
+    "seed_2": (["seed=2"], "defaults, training seed 2"),
+    "n4_only": (
+        ["preprocessing={'bias_correction': {'template_fit': False}}"],
+        "bias: N4 alone (no template fit)",
+    ),
+}
+
+
+def first_rules(base: Path, sets: list[str]) -> list[str]:
+    """The rules a lever's overrides make stale first (what follows them reruns too).
+
+    The copied cohorts carry no Snakemake record of the config they were made with, so a lever
+    names them: ``extract`` for readouts, every preprocessing batch rule (read off BASE's
+    Snakemake logs) for preprocessing, else ``train``.
+    """
+    keys = {value.split("=", 1)[0] for value in sets}
+    if "preprocessing" in keys:
+        logs = "".join(path.read_text() for path in base.glob("*/snakemake.log"))
+        return sorted(set(re.findall(r"rule (preprocess_batch_\d+)", logs)))
+    if keys == {"extract"}:
+        return ["extract"]
+    return ["train"]
+
+
+def run(base: Path, name: str, extra: list[str]) -> None:
+    """One lever's feature_quality.py run on the tune cohorts, in BASE-levers/<name>."""
+    sets, _ = LEVERS[name]
+    out = base.parent / f"{base.name}-levers" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(HERE / "feature_quality.py"), "--split", "tune"]
+    cmd += ["--reuse", str(base), "--out", str(out), *extra]
+    cmd += ["--forcerun", *first_rules(base, sets)]
+    for value in sets:
+        cmd += ["--set", value]
+    start = time.time()
+    with open(out.parent / f"{name}.log", "w") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    print(f"{name}: exit {code}, {time.time() - start:.0f} s", flush=True)
+
+
+def _mean(cell: str) -> float:
+    return float(str(cell).split(" ± ")[0])
+
+
+def table(base: Path) -> str:
+    ref = pd.read_csv(base / "summary.tsv", sep="\t").set_index("variant")
+    rows = [("defaults", "as shipped", ref)]
+    for name, (_, what) in LEVERS.items():
+        path = base.parent / f"{base.name}-levers" / name / "summary.tsv"
+        if path.exists():
+            rows.append((name, what, pd.read_csv(path, sep="\t").set_index("variant")))
+    variants = list(ref.index)
+    head = ["lever", "what"]
+    for v in variants:
+        head += [f"{v} age", f"{v} sex"]
+    head += ["mean age change", "beats all (age)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, what, frame in rows:
+        cells, changes, beats = [name, what], [], 0
+        for v in variants:
+            if v not in frame.index:
+                cells += ["", ""]
+                continue
+            r = frame.loc[v]
+            change = _mean(r["age_dino"]) - _mean(ref.loc[v, "age_dino"])
+            changes.append(change)
+            beats += bool(r["age_beats_all_by_spread"])
+            cells += [f"{r['age_dino']} ({change:+.2f})", f"{_mean(r['sex_dino']):.3f}"]
+        mean = sum(changes) / len(changes) if changes else float("nan")
+        cells += [f"{mean:+.2f}", f"{beats}/{len(changes)}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base", type=Path, help="--out of the defaults' feature_quality.py run")
+    parser.add_argument("levers", nargs="*", help=f"levers to run (default: all): {list(LEVERS)}")
+    parser.add_argument("--table", action="store_true", help="only print the finished runs")
+    parser.add_argument("--scans", default="72", help="subjects per cohort (as for BASE)")
+    parser.add_argument(
+        "--variants", nargs="+", help="only these tune cohorts (labels; default: all three)"
+    )
+    args = parser.parse_args()
+    base = args.base.resolve()
+    if not (base / "summary.tsv").exists():
+        raise SystemExit(f"{base}/summary.tsv missing: run feature_quality.py --out {base} first")
+    unknown = [n for n in args.levers if n not in LEVERS]
+    if unknown:
+        raise SystemExit(f"unknown lever(s) {unknown}; choose from {list(LEVERS)}")
+    if not args.table:
+        for name in args.levers or list(LEVERS):
+            extra = ["--scans", args.scans]
+            run(base, name, extra + (["--variants", *args.variants] if args.variants else []))
+    from nidl_dino.machine import describe_machine
+
+    print(f"\nmachine: {describe_machine()}")
+    print("age MAE in years (change from the defaults on the same cohort), sex ROC-AUC\n")
+    print(table(base))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))
+    sys.exit(main())
