@@ -112,13 +112,15 @@ def _mean(cell: str) -> float:
     return float(str(cell).split(" ± ")[0])
 
 
-def table(base: Path) -> str:
-    ref = pd.read_csv(base / "summary.tsv", sep="\t").set_index("variant")
-    rows = [("defaults", "as shipped", ref)]
+def table(base: Path, reference: str | None = None) -> str:
+    """Every finished lever run, with its change from BASE's (or the ``reference`` lever's)."""
+    rows = [("defaults", "BASE's run", pd.read_csv(base / "summary.tsv", sep="\t"))]
     for name, (_, what) in LEVERS.items():
         path = base.parent / f"{base.name}-levers" / name / "summary.tsv"
         if path.exists():
-            rows.append((name, what, pd.read_csv(path, sep="\t").set_index("variant")))
+            rows.append((name, what, pd.read_csv(path, sep="\t")))
+    rows = [(name, what, frame.set_index("variant")) for name, what, frame in rows]
+    ref = next(frame for name, _, frame in rows if name == (reference or "defaults"))
     variants = list(ref.index)
     head = ["lever", "what"]
     for v in variants:
@@ -128,7 +130,7 @@ def table(base: Path) -> str:
     for name, what, frame in rows:
         cells, changes, beats = [name, what], [], 0
         for v in variants:
-            if v not in frame.index:
+            if v not in frame.index or v not in ref.index:
                 cells += ["", ""]
                 continue
             r = frame.loc[v]
@@ -147,6 +149,11 @@ def main() -> int:
     parser.add_argument("base", type=Path, help="--out of the defaults' feature_quality.py run")
     parser.add_argument("levers", nargs="*", help=f"levers to run (default: all): {list(LEVERS)}")
     parser.add_argument("--table", action="store_true", help="only print the finished runs")
+    parser.add_argument(
+        "--reference",
+        choices=list(LEVERS),
+        help="compare with this lever's run instead of BASE's (a lever adopted as a default)",
+    )
     parser.add_argument("--scans", default="72", help="subjects per cohort (as for BASE)")
     parser.add_argument(
         "--variants", nargs="+", help="only these tune cohorts (labels; default: all three)"
@@ -165,8 +172,9 @@ def main() -> int:
     from nidl_dino.machine import describe_machine
 
     print(f"\nmachine: {describe_machine()}")
-    print("age MAE in years (change from the defaults on the same cohort), sex ROC-AUC\n")
-    print(table(base))
+    against = args.reference or "BASE's defaults"
+    print(f"age MAE in years (change from {against} on the same cohort), sex ROC-AUC\n")
+    print(table(base, args.reference))
     return 0
 
 

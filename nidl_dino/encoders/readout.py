@@ -8,6 +8,7 @@ spatial summaries of every stage of the backbone (:class:`StagePooling`), found 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -144,10 +145,18 @@ class StagePooling(nn.Module):
     def _quantiles(self, t: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
         # Order statistics of each channel over the voxels inside the input's non-zero region
         # (area-resampled to the map's grid), (B, C * len(quantiles)), channel-major; a sample
-        # with no such voxel uses the whole map. A sort, not torch.quantile (which refuses more
-        # than 2^24 elements: a batch of 64^3 maps); the nearest rank at or below q (n - 1).
+        # with no such voxel uses the whole map. The nearest rank at or below q (n - 1), by a
+        # sort (torch.quantile refuses more than 2^24 elements: a batch of 64^3 maps). A map of
+        # more than QUANTILE_VOXELS voxels is ranked on a regular grid of every s-th voxel
+        # along each axis (a 64^3 stage: every 2nd, 8x cheaper; a quantile's rank moves by
+        # well under 1 % of the brain).
         b, c = t.shape[:2]
-        keep = F.interpolate(inside, size=t.shape[2:], mode="area").flatten(1) > 0.5
+        keep = F.interpolate(inside, size=t.shape[2:], mode="area") > 0.5
+        step = math.ceil((math.prod(t.shape[2:]) / QUANTILE_VOXELS) ** (1 / 3) - 1e-9)
+        if step > 1:
+            t = t[:, :, ::step, ::step, ::step]
+            keep = keep[:, :, ::step, ::step, ::step]
+        keep = keep.flatten(1)
         keep |= ~keep.any(dim=1, keepdim=True)
         flat = t.float().flatten(2).masked_fill(~keep[:, None, :], float("inf"))
         flat = flat.sort(dim=2).values
@@ -174,6 +183,8 @@ POOLINGS = ("last", "stages", "stages_mean_std", "stages_quantiles")
 #: distribution over the volume (in the spirit of the brain-intensity histogram baseline,
 #: for learned channels).
 STAGE_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+#: Maps with more voxels than this are ranked on a regular subgrid (:class:`StagePooling`).
+QUANTILE_VOXELS = 32**3
 #: The readout when config.yaml's ``extract.pooling`` is absent (its shipped value).
 DEFAULT_POOLING: str = defaults("extract", "pooling")
 

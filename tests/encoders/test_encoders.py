@@ -326,6 +326,37 @@ def test_stages_quantiles_are_order_statistics_over_the_brain_only():
         StagePooling(Identity(), quantiles=(1.5,))
 
 
+def test_stages_quantiles_of_a_large_map_rank_a_regular_subgrid():
+    import numpy as np
+
+    from nidl_dino.encoders.readout import QUANTILE_VOXELS, StagePooling
+
+    class Identity(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def stage_outputs(self, x):
+            return [x * self.scale]
+
+    # 40^3 = 64,000 voxels > 32^3: every 2nd voxel along each axis, ceil((64000 / 32^3)^(1/3))
+    assert QUANTILE_VOXELS == 32**3
+    rng = np.random.default_rng(0)
+    volume = np.zeros((40, 40, 40), np.float32)
+    volume[4:36, 6:34, 8:32] = rng.gamma(2.0, 1.0, size=(32, 28, 24)) + 0.01
+    quantiles = (0.1, 0.5, 0.9)
+    with torch.no_grad():
+        got = StagePooling(Identity(), quantiles=quantiles)(torch.from_numpy(volume)[None, None])
+    sub = volume[::2, ::2, ::2]
+    brain = np.sort(sub[sub != 0])
+    expected = [brain[int(q * (len(brain) - 1))] for q in quantiles]
+    np.testing.assert_allclose(got[0, :3].numpy(), expected, rtol=1e-6)
+    # and each value's rank in the whole brain is within 2 % of its quantile
+    whole = volume[volume != 0]
+    ranks = [(whole <= value).mean() for value in got[0, :3].numpy()]
+    np.testing.assert_allclose(ranks, quantiles, atol=0.02)
+
+
 @needs_einops
 def test_stages_mean_std_of_a_vit_keeps_its_token_vectors_once():
     from nidl_dino.encoders.readout import feature_encoder
