@@ -104,6 +104,7 @@ from nidl_dino.demo.dataset import (
     BAD_KINDS,
     is_demo_dataset,
     make_demo_dataset,
+    make_demo_subject,
     planned_files,
     recorded_variant,
 )
@@ -119,6 +120,7 @@ __all__ = [
     "get_variant",
     "is_demo_dataset",
     "make_demo_dataset",
+    "make_demo_subject",
     "planned_files",
     "recorded_variant",
 ]

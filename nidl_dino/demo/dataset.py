@@ -9,6 +9,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -359,29 +360,7 @@ def _write_dataset(
     records = []
     start = time.perf_counter()
     for i, row in enumerate(cohort.itertuples(index=False)):
-        site = site_of[row.site]
-        subject_rng = _rng(seed, _SUBJECT, i)
-        anatomy = anat.draw_anatomy(subject_rng, row.sex)
-        if variant.lesion_count > 0:
-            lesions = anat.draw_lesions(_rng(seed, _LESIONS, i), variant)
-            anatomy = dataclasses.replace(anatomy, lesions=lesions)
-        ages = [float(row.age)]
-        if sessions:
-            ages.append(round(ages[0] + subject_rng.uniform(*SESSION_GAP_YEARS), 1))
-        session_ids = _session_ids(sessions)
-        for k, (session, age) in enumerate(zip(session_ids, ages, strict=True)):
-            defect = row.bad_scan if k == len(ages) - 1 else ""
-            rng = _rng(seed, _SCAN, i, k)
-            records.append(
-                _write_scan(
-                    out, row.participant_id, session, site, anatomy, age, defect, rng, variant
-                )
-            )
-        if sessions:
-            _write_tsv(
-                out / row.participant_id / f"{row.participant_id}_sessions.tsv",
-                pd.DataFrame({"session_id": session_ids, "age": ages}),
-            )
+        records += _write_subject(out, i, row, seed, site_of[row.site], sessions, variant)
         logger.info("%s done (%d/%d)", row.participant_id, i + 1, n_subjects)
     manifest = pd.DataFrame.from_records(records)
     _write_tsv(out / MANIFEST_NAME, manifest.round(4))
@@ -390,6 +369,73 @@ def _write_dataset(
         "%d scans in %.1f s (%.2f s per scan)", len(records), elapsed, elapsed / len(records)
     )
     return cohort
+
+
+def _write_subject(
+    out: Path,
+    i: int,
+    row: Any,
+    seed: int,
+    site: scanner.SiteProtocol,
+    sessions: bool,
+    variant: CohortVariant,
+) -> list[dict[str, Any]]:
+    """Write subject ``i`` of a designed cohort (its scans, sessions table); its manifest rows."""
+    subject_rng = _rng(seed, _SUBJECT, i)
+    anatomy = anat.draw_anatomy(subject_rng, row.sex)
+    if variant.lesion_count > 0:
+        lesions = anat.draw_lesions(_rng(seed, _LESIONS, i), variant)
+        anatomy = dataclasses.replace(anatomy, lesions=lesions)
+    ages = [float(row.age)]
+    if sessions:
+        ages.append(round(ages[0] + subject_rng.uniform(*SESSION_GAP_YEARS), 1))
+    session_ids = _session_ids(sessions)
+    records = []
+    for k, (session, age) in enumerate(zip(session_ids, ages, strict=True)):
+        defect = row.bad_scan if k == len(ages) - 1 else ""
+        rng = _rng(seed, _SCAN, i, k)
+        records.append(
+            _write_scan(out, row.participant_id, session, site, anatomy, age, defect, rng, variant)
+        )
+    if sessions:
+        _write_tsv(
+            out / row.participant_id / f"{row.participant_id}_sessions.tsv",
+            pd.DataFrame({"session_id": session_ids, "age": ages}),
+        )
+    return records
+
+
+def make_demo_subject(
+    out_dir: str | Path,
+    participant_id: str,
+    n_subjects: int,
+    seed: int = 0,
+    n_bad: int = 2,
+    *,
+    variant: str | CohortVariant | None = None,
+    bad_kinds: Sequence[str] = BAD_KINDS,
+) -> dict[str, Any]:
+    """One subject of the cohort :func:`make_demo_dataset` would make, the same bytes, alone.
+
+    For reproducing one scan of a large generated cohort (a test, a bug report) without
+    generating the others: the cohort design depends on ``n_subjects``, so give the cohort's.
+    Writes ``<out_dir>/<participant_id>/...`` only (no dataset files).
+
+    Returns:
+        The scan's manifest row (as in ``demo_manifest.tsv``; the last session's with sessions).
+
+    Raises:
+        ValueError: an unknown participant for that design.
+    """
+    variant = get_variant(variant)
+    cohort = design_cohort(n_subjects, seed, variant.sites, n_bad, bad_kinds)
+    index = cohort.index[cohort["participant_id"] == participant_id]
+    if not len(index):
+        raise ValueError(f"{participant_id} is not in a cohort of {n_subjects} subjects")
+    i = int(cohort.index.get_loc(index[0]))
+    row = next(cohort.iloc[[i]].itertuples(index=False))
+    site = {s.name: s for s in variant.sites}[row.site]
+    return _write_subject(Path(out_dir), i, row, seed, site, False, variant)[-1]
 
 
 def _write_scan(

@@ -411,7 +411,13 @@ def correct_and_register(
     transform = np.eye(4)
     if reg["enabled"]:
         try:
-            transform = register_to_template(work, work_affine, reg, working)
+            transform = register_to_template(
+                work,
+                work_affine,
+                reg,
+                working,
+                score=lambda t: similarity_to_template(work, work_affine, t, working),
+            )
         except RuntimeError as err:  # ANTs reports a failed registration as RuntimeError
             raise ScanRejected(f"registration failed ({_one_line(err)})", source) from None
     lap("registration")

@@ -22,6 +22,7 @@ MNI through its inverse.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,17 @@ def register_to_template(
     params: dict[str, Any],
     working_spacing_mm: float,
     initial: np.ndarray | None = None,
+    score: Callable[[np.ndarray], float] | None = None,
 ) -> np.ndarray:
     """Fit the affine-family transform between the MNI152 template and a subject image.
+
+    After the rigid stage, the main stage starts once per ``params["start_scales"]`` entry
+    (default 1: the rigid result as it is), from the rigid result with the template shrunk by
+    that factor about the MNI origin, and the start whose result ``score``s highest is kept.
+    From the rigid result alone, the affine can inflate the template's brain until it meets the
+    subject's scalp (a local optimum: 6 of 144 tune-set demo scans, eTIV 1.3-2.6x too large);
+    started 10 % smaller, it converges inside the skull (5 of those 6; the others' results are
+    unchanged).
 
     Args:
         data: subject array of shape (X, Y, Z), ideally bias-corrected, at about
@@ -54,7 +64,10 @@ def register_to_template(
             ``use_template_mask``, ``random_seed``).
         working_spacing_mm: resolution of the template used as the fixed image (mm).
         initial: a transform (template to subject RAS+ mm) to start from, e.g. a first pass's;
-            the rigid stage is then skipped (None: from the centres of mass, rigid first).
+            the rigid stage and the other start scales are then skipped (None: from the
+            centres of mass, rigid first).
+        score: transform -> similarity, to choose among several start scales (needed when
+            there are several).
 
     Returns:
         float64 array (4, 4): template RAS+ mm to subject RAS+ mm.
@@ -77,30 +90,44 @@ def register_to_template(
         "aff_random_sampling_rate": float(params["sampling_rate"]),
         "random_seed": None if params["random_seed"] is None else int(params["random_seed"]),
     }
-    stages = []
-    if initial is None and params["rigid_first"]["enabled"] and params["type"] != "Rigid":
-        stages.append(("Rigid", params["rigid_first"], None))
-    stages.append((str(params["type"]), params, mask))
+    rigid_first = initial is None and params["rigid_first"]["enabled"]
+    rigid_first = rigid_first and params["type"] != "Rigid"
+    scales = [float(f) for f in params.get("start_scales", [1.0])] if rigid_first else [1.0]
+    if len(scales) > 1 and score is None:
+        raise ValueError("register_to_template: several start_scales need a score function")
+
+    def stage(kind: str, levels: dict[str, Any], stage_mask, start: str | None, name: str):
+        result = ants.registration(
+            type_of_transform=kind,
+            mask=stage_mask,
+            initial_transform=start,
+            outprefix=str(Path(tmp) / name),
+            aff_iterations=tuple(int(n) for n in levels["iterations"]),
+            aff_shrink_factors=tuple(int(n) for n in levels["shrink_factors"]),
+            aff_smoothing_sigmas=tuple(float(s) for s in levels["smoothing_sigmas_vox"]),
+            **common,
+        )
+        # With an initial transform, ANTs writes the composition (initial then stage).
+        return ants_transform_to_ras(ants.read_transform(result["fwdtransforms"][0]))
+
     with tempfile.TemporaryDirectory(prefix="nidl_dino_reg_") as tmp:
-        # None: ANTs starts from the alignment of the centres of mass.
-        start = None
-        if initial is not None:
-            start = str(Path(tmp) / "initial.mat")
-            write_ras_transform(initial, start)
-        for i, (kind, levels, stage_mask) in enumerate(stages):
-            result = ants.registration(
-                type_of_transform=kind,
-                mask=stage_mask,
-                initial_transform=start,
-                outprefix=str(Path(tmp) / f"stage{i}_"),
-                aff_iterations=tuple(int(n) for n in levels["iterations"]),
-                aff_shrink_factors=tuple(int(n) for n in levels["shrink_factors"]),
-                aff_smoothing_sigmas=tuple(float(s) for s in levels["smoothing_sigmas_vox"]),
-                **common,
-            )
-            # With an initial transform, ANTs writes the composition (initial then stage).
-            start = result["fwdtransforms"][0]
-        return ants_transform_to_ras(ants.read_transform(start))
+        start = initial
+        if rigid_first:
+            # None: ANTs starts from the alignment of the centres of mass.
+            start = stage("Rigid", params["rigid_first"], None, None, "rigid_")
+        best, best_score = None, -np.inf
+        for i, factor in enumerate(scales):
+            path = None
+            if start is not None:
+                scaled = start.copy()
+                scaled[:3, :3] *= factor  # template shrunk about the MNI origin
+                path = str(Path(tmp) / f"start{i}.mat")
+                write_ras_transform(scaled, path)
+            result = stage(str(params["type"]), params, mask, path, f"main{i}_")
+            value = score(result) if len(scales) > 1 else 0.0
+            if best is None or value > best_score:
+                best, best_score = result, value
+        return best
 
 
 #: FreeSurfer's eTIV scale factor (ml): the intracranial volume of a head whose transform to

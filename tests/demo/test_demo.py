@@ -255,3 +255,16 @@ def test_cli(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a nidl-dino demo" in err[0]
+
+
+def test_one_subject_alone_is_the_same_bytes_as_in_its_cohort(default_demo, tmp_path):
+    from nidl_dino.demo import make_demo_subject
+
+    out, _ = default_demo
+    manifest = pd.read_csv(out / "demo_manifest.tsv", sep="\t", keep_default_na=False)
+    for participant in ("sub-001", "sub-003"):  # a good scan and a bad one
+        row = make_demo_subject(tmp_path, participant, n_subjects=3, seed=0, n_bad=2)
+        assert row["path"] == manifest.set_index("participant_id").loc[participant, "path"]
+        assert (tmp_path / row["path"]).read_bytes() == (out / row["path"]).read_bytes()
+    with pytest.raises(ValueError, match="sub-009"):
+        make_demo_subject(tmp_path, "sub-009", n_subjects=3, seed=0)

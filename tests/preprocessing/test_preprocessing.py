@@ -515,6 +515,56 @@ def test_demo_cohort_registers_with_the_true_head_size(tmp_path):
         assert record["metrics"]["etiv_ml"] == pytest.approx(1948.106 * scale, rel=0.05)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("variant", "seed", "participant"),
+    [("default", 11, "sub-024"), ("strong_bias", 12, "sub-058")],
+)
+def test_small_heads_no_longer_inflate_the_template_to_their_scalp(
+    tmp_path, variant, seed, participant
+):
+    # Two scans of the feature-quality tune cohorts (72 subjects) that the registration from
+    # the rigid result alone fitted with the template's brain blown up to the scalp (eTIV 2.6x
+    # and 2.2x the truth) and QC accepted. With registration.start_scales [1.0, 0.9] (the
+    # default) both register with the true head size.
+    from nidl_dino.demo import make_demo_subject
+    from nidl_dino.demo.anatomy import load_template
+
+    row = make_demo_subject(tmp_path / "bids", participant, 72, seed, n_bad=0, variant=variant)
+    record = preprocess_scan(tmp_path / "bids" / row["path"], tmp_path / "out", participant, DEMO)
+    assert record["status"] == "ok", record["reason"]
+    scale = row["icv_ml"] / load_template().brain_ml
+    assert record["metrics"]["etiv_ml"] == pytest.approx(1948.106 * scale, rel=0.05)
+    assert record["metrics"]["registration_similarity"] > 0.7
+
+
+def test_the_registration_keeps_the_best_scoring_start_scale(tmp_path):
+    from nidl_dino.preprocessing.config import merge_config
+    from nidl_dino.preprocessing.registration import register_to_template
+
+    truth = subject_transform((5.0, -4.0, 3.0), (2.0, -3.0, 4.0), (0.95, 0.92, 0.97))
+    shape = (80, 96, 80)
+    affine = scanner_affine(shape, (2.5, 2.5, 2.5), "RAS")
+    image = synthetic_scan(shape, affine, truth, head_spacing_mm=2.5)
+    params = {**merge_config(DEMO)["registration"], "start_scales": [1.0, 0.9, 1.2]}
+    seen = []
+
+    def score(transform):  # prefers the smallest template (a score that can tell the starts)
+        seen.append(transform)
+        return -abs(np.linalg.det(transform[:3, :3]))
+
+    kept = register_to_template(image, affine, params, 5.0, score=score)
+    assert len(seen) == 3
+    assert any(kept is t for t in seen)
+    assert score(kept) == max(score(t) for t in seen[:3])
+    with pytest.raises(ValueError, match="score"):
+        register_to_template(image, affine, params, 5.0)
+    # one start needs no score; an initial transform skips the rigid stage and the starts
+    one = register_to_template(image, affine, {**params, "start_scales": [1.0]}, 5.0)
+    again = register_to_template(image, affine, params, 5.0, initial=one)
+    assert one.shape == again.shape == (4, 4)
+
+
 def test_template_is_nilearns_mni152_and_mask():
     from nilearn.datasets import load_mni152_brain_mask, load_mni152_template
 
