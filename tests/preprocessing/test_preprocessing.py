@@ -546,7 +546,11 @@ def test_the_registration_keeps_the_best_scoring_start_scale(tmp_path):
     shape = (80, 96, 80)
     affine = scanner_affine(shape, (2.5, 2.5, 2.5), "RAS")
     image = synthetic_scan(shape, affine, truth, head_spacing_mm=2.5)
-    params = {**merge_config(DEMO)["registration"], "start_scales": [1.0, 0.9, 1.2]}
+    params = {
+        **merge_config(DEMO)["registration"],
+        "start_scales": [1.0, 0.9, 1.2],
+        "start_margin": 0.0,
+    }
     seen = []
 
     def score(transform):  # prefers the smallest template (a score that can tell the starts)
@@ -557,6 +561,10 @@ def test_the_registration_keeps_the_best_scoring_start_scale(tmp_path):
     assert len(seen) == 3
     assert any(kept is t for t in seen)
     assert score(kept) == max(score(t) for t in seen[:3])
+    # another start replaces the first only when it scores more than start_margin higher
+    seen.clear()
+    kept = register_to_template(image, affine, {**params, "start_margin": 1e9}, 5.0, score=score)
+    assert len(seen) == 3 and kept is seen[0]
     with pytest.raises(ValueError, match="score"):
         register_to_template(image, affine, params, 5.0)
     # one start needs no score; an initial transform skips the rigid stage and the starts
