@@ -251,11 +251,10 @@ def summary_row(variant: BenchVariant, scores: pd.DataFrame, comparison: pd.Data
     return row
 
 
-def ceiling_table(bids: Path, results: Path, probes: dict) -> str:
+def ceiling_scores(bids: Path, results: Path, probes: dict) -> pd.DataFrame:
     """Probe scores of the ground-truth latents that generated the images (an upper bound)."""
     import numpy as np
 
-    from nidl_dino.evaluation.probes import format_probe_table
     from nidl_dino.evaluation.probing import probe_targets
 
     cohort = pd.read_parquet(results / "features/cohort.parquet")
@@ -288,7 +287,37 @@ def ceiling_table(bids: Path, results: Path, probes: dict) -> str:
     scores, _, note = probe_targets(sets, table, probes, include_chance=False)
     if note:
         print(f"ceiling: {note}")
-    return format_probe_table(scores) if len(scores) else ""
+    return scores
+
+
+def bar_attainable(scores: pd.DataFrame, ceiling: pd.DataFrame) -> dict:
+    """Whether even the generator's latents (without head size) pass the bar on this cohort.
+
+    The bar: better than the best non-chance baseline by more than the larger of the two fold
+    spreads. When the latents that generated the images do not pass it, features of those
+    images are not expected to (the latents are a linear-probe reference, not a proof).
+    """
+    out = {}
+    for target, metric in TARGET_METRICS:
+        top = ceiling[
+            (ceiling["feature_set"] == "ceiling: latents without head size")
+            & (ceiling["target"] == target)
+            & (ceiling["metric"] == metric)
+        ]
+        base = scores[
+            ~scores["feature_set"].isin(["dino", "chance"])
+            & (scores["target"] == target)
+            & (scores["metric"] == metric)
+        ]
+        if not len(top) or not len(base):
+            continue
+        sign = -1.0 if metric == "mae" else 1.0
+        best = base.loc[(sign * base["mean"]).idxmax()]
+        margin = sign * (top["mean"].iloc[0] - best["mean"])
+        spread = max(top["std"].iloc[0], best["std"])
+        out[f"{target}_ceiling"] = _cell(top["mean"].iloc[0], top["std"].iloc[0], metric)
+        out[f"{target}_bar_attainable"] = bool(margin > spread)
+    return out
 
 
 def main() -> int:
@@ -379,9 +408,14 @@ def main() -> int:
         )
         print(variant_table(scores, comparison))
         print()
-        print(ceiling_table(run["bids"], results, config["probes"]))
+        from nidl_dino.evaluation.probes import format_probe_table
+
+        ceiling = ceiling_scores(run["bids"], results, config["probes"])
+        print(format_probe_table(ceiling) if len(ceiling) else "")
         print()
         row = summary_row(variant, scores, comparison)
+        if len(ceiling):
+            row.update(bar_attainable(scores, ceiling))
         row.update(scans_ok=n_ok, t_data_s=round(run["t_data"]), t_workflow_s=round(run["t_run"]))
         summary.append(row)
         sys.stdout.flush()
