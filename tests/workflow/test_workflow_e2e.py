@@ -83,10 +83,14 @@ def test_tiny_end_to_end_run(cohort):
     for column in ("participant_id", "session_id", "scan_id", "status", "reason", "age", "sex"):
         assert column in cohort_pq.columns
     features = [c for c in cohort_pq.columns if c.startswith("feature_")]
-    # default readout: std and mean of every small_cnn stage (16, 32, 64, 128 channels)
-    assert len(features) == 2 * (16 + 32 + 64 + 128)
+    # the default readout, per channel of every small_cnn stage (16, 32, 64, 128 channels):
+    # std and mean, and with stages_quantiles 5 quantiles over the brain
+    from nidl_dino.encoders.readout import DEFAULT_POOLING, STAGE_QUANTILES
+
+    per_channel = {"stages_mean_std": 2, "stages_quantiles": 2 + len(STAGE_QUANTILES)}
+    assert len(features) == per_channel[DEFAULT_POOLING] * (16 + 32 + 64 + 128)
     manifest = pd.read_csv(out / "features/manifest.tsv", sep="\t")
-    assert set(manifest["pooling"]) == {"stages_mean_std"}
+    assert set(manifest["pooling"]) == {DEFAULT_POOLING}
     is_ok = cohort_pq["status"] == "ok"
     assert cohort_pq.loc[is_ok, features].notna().all().all()
     assert cohort_pq.loc[~is_ok, features].isna().all().all()
