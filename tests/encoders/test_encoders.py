@@ -282,17 +282,21 @@ def test_stages_mean_std_puts_each_maps_spatial_std_first():
         np.testing.assert_allclose(features[:, -4:], encoder(x).numpy(), rtol=1e-6)
 
 
+class InputStages(torch.nn.Module):
+    """Stages that are the input itself and, with ``coarse``, its 2x block means."""
+
+    def __init__(self, coarse: bool = True):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.coarse = coarse
+
+    def stage_outputs(self, x):
+        maps = [x * self.scale]
+        return maps + [torch.nn.functional.avg_pool3d(x, 2)] if self.coarse else maps
+
+
 def test_stages_quantiles_are_order_statistics_over_the_brain_only():
     from nidl_dino.encoders.readout import STAGE_QUANTILES, StagePooling, feature_encoder
-
-    class Identity(torch.nn.Module):
-        # one stage: the input itself, and a 2x coarser copy (block means)
-        def __init__(self):
-            super().__init__()
-            self.scale = torch.nn.Parameter(torch.ones(()))
-
-        def stage_outputs(self, x):
-            return [x * self.scale, torch.nn.functional.avg_pool3d(x, 2)]
 
     # A brain of n = 4^3 = 64 voxels holding 1..64 in a random order, zeros around it.
     n = 64
@@ -300,7 +304,7 @@ def test_stages_quantiles_are_order_statistics_over_the_brain_only():
     x[:, 0, 2:6, 2:6, 2:6] = (torch.randperm(n) + 1).float().reshape(4, 4, 4)
     x[1] *= 2.0
     quantiles = (0.0, 0.1, 0.5, 0.9, 1.0)
-    pooled = StagePooling(Identity(), std=True, quantiles=quantiles)
+    pooled = StagePooling(InputStages(), std=True, quantiles=quantiles)
     with torch.no_grad():
         features = pooled(x)
     # rank floor(q (n - 1)) of the sorted brain values 1..n is the value floor(q (n - 1)) + 1;
@@ -323,21 +327,13 @@ def test_stages_quantiles_are_order_statistics_over_the_brain_only():
     assert feature_encoder(encoder, "stages_quantiles").output_dim == (5 + 2) * (2 + 3)
     assert len(STAGE_QUANTILES) == 5
     with pytest.raises(ValueError, match="quantiles"):
-        StagePooling(Identity(), quantiles=(1.5,))
+        StagePooling(InputStages(), quantiles=(1.5,))
 
 
 def test_stages_quantiles_of_a_large_map_rank_a_regular_subgrid():
     import numpy as np
 
     from nidl_dino.encoders.readout import QUANTILE_VOXELS, StagePooling
-
-    class Identity(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.scale = torch.nn.Parameter(torch.ones(()))
-
-        def stage_outputs(self, x):
-            return [x * self.scale]
 
     # 40^3 = 64,000 voxels > 32^3: every 2nd voxel along each axis, ceil((64000 / 32^3)^(1/3))
     assert QUANTILE_VOXELS == 32**3
@@ -346,7 +342,9 @@ def test_stages_quantiles_of_a_large_map_rank_a_regular_subgrid():
     volume[4:36, 6:34, 8:32] = rng.gamma(2.0, 1.0, size=(32, 28, 24)) + 0.01
     quantiles = (0.1, 0.5, 0.9)
     with torch.no_grad():
-        got = StagePooling(Identity(), quantiles=quantiles)(torch.from_numpy(volume)[None, None])
+        got = StagePooling(InputStages(coarse=False), quantiles=quantiles)(
+            torch.from_numpy(volume)[None, None]
+        )
     sub = volume[::2, ::2, ::2]
     brain = np.sort(sub[sub != 0])
     expected = [brain[int(q * (len(brain) - 1))] for q in quantiles]
