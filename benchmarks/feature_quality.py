@@ -13,7 +13,8 @@ baseline of ``probes/comparison.tsv`` (chance, intensity PCA, random weights, br
 (eTIV), brain intensity histogram, tissue-class volumes), DINO's paired gain over each, and a
 ceiling (the same probes on the generator's own latents). A summary over the variants, the
 machine (:func:`nidl_dino.machine.describe_machine`) and the time of each stage close the output;
-``OUT/summary.tsv`` keeps the numbers. Re-running with the same ``--out`` reuses finished cohorts
+``OUT/summary.tsv`` keeps the numbers (of every cohort run with that ``--out``, the latest run of
+each). Re-running with the same ``--out`` reuses finished cohorts
 and workflow steps (Snakemake): a changed ``--configfile`` only reruns the steps it touches;
 ``--reuse OUT`` starts a new ``--out`` from a copy of another run's cohorts, so comparing recipes
 pays for generation and preprocessing once, with ``--forcerun`` naming the first rule to redo
@@ -124,7 +125,9 @@ def deep_update(base: dict, overlay: dict) -> dict:
 
 
 def _skip_model_work(folder: str, names: list[str]) -> list[str]:
-    return ["work"] if Path(folder).name == "model" else []
+    # checkpoints (a recipe trains from scratch) and Snakemake's locks (of a killed run)
+    name = Path(folder).name
+    return ["work"] if name == "model" else ["locks"] if name == ".snakemake" else []
 
 
 def run_variant(variant: BenchVariant, args, configfiles: list[Path]) -> dict:
@@ -423,6 +426,10 @@ def main() -> int:
     if summary:
         table = pd.DataFrame(summary)
         out = Path(args.out).resolve()
+        if (out / "summary.tsv").exists():  # keep the cohorts of earlier runs in this --out
+            earlier = pd.read_csv(out / "summary.tsv", sep="\t")
+            earlier = earlier[~earlier["variant"].isin(table["variant"])]
+            table = pd.concat([earlier, table], ignore_index=True)
         table.to_csv(out / "summary.tsv", sep="\t", index=False)
         print("## Summary (DINO against the best non-chance baseline)\n")
         shown = [c for c in table.columns if c not in ("preset", "seed")]
