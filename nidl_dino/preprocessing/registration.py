@@ -95,7 +95,7 @@ def register_to_template(
     }
     rigid_first = initial is None and params["rigid_first"]["enabled"]
     rigid_first = rigid_first and params["type"] != "Rigid"
-    scales = [float(f) for f in params.get("start_scales", [1.0])] if rigid_first else [1.0]
+    scales = [float(f) for f in params["start_scales"]] if rigid_first else [1.0]
     if len(scales) > 1 and score is None:
         raise ValueError("register_to_template: several start_scales need a score function")
 
@@ -137,7 +137,7 @@ def register_to_template(
             result = ras(stage(str(params["type"]), params, mask, begin, f"main{i}_"))
             value = score(result) if len(scales) > 1 else 0.0
             # another start must beat the first by the margin (equal optima differ by ~1e-3)
-            margin = 0.0 if best is None else float(params.get("start_margin", 0.0))
+            margin = 0.0 if best is None else float(params["start_margin"])
             if best is None or value > best_score + margin:
                 best, best_score = result, value
         return best
