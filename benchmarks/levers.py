@@ -44,6 +44,10 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         "both DINOv2 regularisers",
     ),
     "epochs_90": (["trainer={'max_epochs': 90}"], "twice the epochs"),
+    "epochs_90_local_2": (
+        ["trainer={'max_epochs': 90}", "views={'num_local_crops': 2}"],
+        "twice the epochs, 2 local crops",
+    ),
     "epochs_20": (["trainer={'max_epochs': 20}"], "under half the epochs"),
     "local_crops_2": (["views={'num_local_crops': 2}"], "2 local crops instead of 6"),
     "local_crops_10": (["views={'num_local_crops': 10}"], "10 local crops"),
@@ -70,7 +74,7 @@ LEVERS: dict[str, tuple[list[str], str]] = {
     "seed_1": (["seed=1"], "defaults, training seed 1 (the seed spread)"),
     "seed_2": (["seed=2"], "defaults, training seed 2"),
     "n4_only": (
-        ["preprocessing={'bias_correction': {'template_fit': False}}"],
+        ["preprocessing={'bias_correction': {'template_fit': {'enabled': False}}}"],
         "bias: N4 alone (no template fit)",
     ),
 }
