@@ -43,14 +43,14 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["dino={'koleo_weight': 0.1, 'teacher_centering': 'sinkhorn_knopp'}"],
         "both DINOv2 regularisers",
     ),
-    "epochs_90": (["trainer={'max_epochs': 90}"], "twice the epochs"),
-    "epochs_90_local_2": (
-        ["trainer={'max_epochs': 90}", "views={'num_local_crops': 2}"],
-        "twice the epochs, 2 local crops",
+    "recipe_45_6": (
+        ["trainer={'max_epochs': 45}", "views={'num_local_crops': 6}"],
+        "the recipe shipped until session 8 (45 epochs, 6 local crops)",
     ),
-    "epochs_20": (["trainer={'max_epochs': 20}"], "under half the epochs"),
-    "local_crops_2": (["views={'num_local_crops': 2}"], "2 local crops instead of 6"),
-    "local_crops_10": (["views={'num_local_crops': 10}"], "10 local crops"),
+    "epochs_45": (["trainer={'max_epochs': 45}"], "half the epochs"),
+    "epochs_180": (["trainer={'max_epochs': 180}"], "twice the epochs"),
+    "local_crops_0": (["views={'num_local_crops': 0}"], "the two global views only"),
+    "local_crops_6": (["views={'num_local_crops': 6}"], "6 local crops (about 2x the compute)"),
     "local_32": (
         ["views={'local_size': [32, 32, 32], 'local_scale': [0.125, 0.125]}"],
         "local crops 32^3 (1/8 of the volume)",
