@@ -20,7 +20,7 @@ Rows:
 - feature extraction (``nidl_dino.features.extract.extract_features``) with ``small_cnn`` on 64^3 and
   128^3 volumes, batches of 1 and 4 (two batches each, .nii.gz read by MONAI);
 - training (``nidl_dino.training.run.train_from_config``) at the demo configuration of
-  ``config.yaml`` (small_cnn, 64^3 volumes, views 2 x 48^3 + 8 x 24^3, batch 8, one loader
+  ``config.yaml`` (small_cnn, 64^3 volumes, its views, batch 8, one loader
   worker, memory cache, checkpoints and logs) for 3 optimizer steps.
 """
 
@@ -100,6 +100,18 @@ def _extract(params: dict, folder: Path) -> str:
     assert features.shape == (len(params["paths"]), encoder.output_dim)
     assert np.isfinite(features).all()
     return f"{len(params['paths']) // params['batch']} batches"
+
+
+def _views_text() -> str:
+    """config.yaml's training views, e.g. ``2 x 48^3 + 2 x 24^3``."""
+    import yaml
+
+    views = yaml.safe_load((ROOT / "config.yaml").read_text())["views"]
+    globals_, locals_ = views["global_size"], views["local_size"]
+    text = f"2 x {'x'.join(map(str, globals_))}"
+    if views["num_local_crops"]:
+        text += f" + {views['num_local_crops']} x {'x'.join(map(str, locals_))}"
+    return text
 
 
 def _train(params: dict, folder: Path) -> str:
@@ -243,7 +255,7 @@ def main() -> None:
         paths = make_volumes(folder, TRAIN_SIZE, TRAIN_VOLUMES)
         result = run_child("train", {"paths": paths, "steps": TRAIN_STEPS}, folder)
         config = (
-            f"demo config.yaml: small_cnn, {TRAIN_SIZE}^3 volumes, 2 x 48^3 + 8 x 24^3 views, "
+            f"demo config.yaml: small_cnn, {TRAIN_SIZE}^3 volumes, {_views_text()} views, "
             f"batch 8, head 512/128/1024, 1 loader worker, memory cache, {TRAIN_STEPS} steps"
         )
         rows.append(("DINO training (train_from_config)", config, result))
