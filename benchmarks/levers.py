@@ -50,7 +50,10 @@ LEVERS: dict[str, tuple[list[str], str]] = {
     "epochs_45": (["trainer={'max_epochs': 45}"], "half the epochs"),
     "epochs_180": (["trainer={'max_epochs': 180}"], "twice the epochs"),
     "local_crops_0": (["views={'num_local_crops': 0}"], "the two global views only"),
-    "local_crops_6": (["views={'num_local_crops': 6}"], "6 local crops (about 2x the compute)"),
+    "local_crops_6": (
+        ["views={'num_local_crops': 6}"],
+        "6 local crops (about 1.15x the training time)",
+    ),
     "local_32": (
         ["views={'local_size': [32, 32, 32], 'local_scale': [0.125, 0.125]}"],
         "local crops 32^3 (1/8 of the volume)",

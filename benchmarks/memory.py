@@ -103,7 +103,7 @@ def _extract(params: dict, folder: Path) -> str:
 
 
 def _views_text() -> str:
-    """config.yaml's training views, e.g. ``2 x 48^3 + 2 x 24^3``."""
+    """config.yaml's training views, e.g. ``2 x 48x48x48 + 2 x 24x24x24``."""
     import yaml
 
     views = yaml.safe_load((ROOT / "config.yaml").read_text())["views"]
