@@ -39,11 +39,10 @@ so a recipe that latches onto the tune cohorts' particulars shows it there.
 :data:`nidl_dino.demo.variant.PRESETS` (seed 0 unless ``--seeds``); ``--seeds S [S ...]`` runs
 each selected variant once per seed instead of its own.
 
-Time, measured on a shared 2-core CPU VM with config.yaml as shipped (45 epochs):
-``--variants brain_only --scans 60`` took 17.5 min (generation 2.6 min, ~1 mm scans;
-preprocessing 2.5 min; training 11.3 min). Variants with the default sites generate about 6x
-faster (0.5 s against 3 s a scan); training time grows with the number of scans. A whole split
-(3 variants of 72 scans) is about an hour there.
+Time, measured on a shared 2-core AMD EPYC VM with config.yaml as shipped (90 epochs, 2 local
+crops): ``--split report --scans 72`` took 2577 s for its three cohorts (workflow 761-831 s a
+cohort, of which training 508-589 s). Variants with the default sites generate about 6x faster
+than ``brain_only`` (0.5 s against 3 s a scan); training time grows with the number of scans.
 """
 
 from __future__ import annotations
