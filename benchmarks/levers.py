@@ -19,7 +19,6 @@ than the spread. One training seed per run: a difference smaller than the spread
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 import time
@@ -91,13 +90,19 @@ def first_rules(base: Path, sets: list[str]) -> list[str]:
     """The rules a lever's overrides make stale first (what follows them reruns too).
 
     The copied cohorts carry no Snakemake record of the config they were made with, so a lever
-    names them: ``extract`` for readouts, every preprocessing batch rule (read off BASE's
-    Snakemake logs) for preprocessing, else ``train``.
+    names them: ``extract`` for readouts, every preprocessing batch rule for preprocessing (one
+    per batch table the cohorts hold: BASE's own Snakemake log does not name them when BASE was
+    itself made with ``--reuse``), else ``train``.
     """
     keys = {value.split("=", 1)[0] for value in sets}
     if "preprocessing" in keys:
-        logs = "".join(path.read_text() for path in base.glob("*/snakemake.log"))
-        return sorted(set(re.findall(r"rule (preprocess_batch_\d+)", logs)))
+        from nidl_dino.workflow.setup import preprocess_rule_name
+
+        tables = base.glob("*/results/preproc/batches/batch-*.tsv")
+        rules = sorted({preprocess_rule_name(path.stem) for path in tables})
+        if not rules:
+            raise SystemExit(f"no preprocessing batch tables below {base}/*/results/preproc")
+        return rules
     if keys == {"extract"}:
         return ["extract"]
     return ["train"]
