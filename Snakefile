@@ -20,7 +20,7 @@ configfile: os.path.join(workflow.basedir, "config.yaml")
 # conda environments (--use-conda) only need the dependencies.
 sys.path.insert(0, workflow.basedir)
 from nidl_dino.workflow.derivatives import generated_by
-from nidl_dino.training.distributed import train_job_resources
+from nidl_dino.training.resources import train_job_resources
 from nidl_dino.errors import UserError
 from nidl_dino.workflow.inputs import scan_id_wildcard_constraint
 from nidl_dino.workflow.layout import Layout, scan_sources

@@ -32,8 +32,9 @@ from nidl_dino.features.teacher import save_teacher
 from nidl_dino.settings import with_defaults
 from nidl_dino.training.data import DINODataModule, resolve_num_workers, resolve_views_on_device
 from nidl_dino.training.devices import trainer_options
-from nidl_dino.training.distributed import RankRecord, n_devices
+from nidl_dino.training.distributed import RankRecord
 from nidl_dino.training.progress import EpochProgress, quiet_lightning
+from nidl_dino.training.resources import n_devices
 from nidl_dino.workflow.layout import source_of_volume
 
 log = logging.getLogger(__name__)

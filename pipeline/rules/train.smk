@@ -29,7 +29,7 @@ rule train:
             config["resources"]["train"].get("threads", 1),
         )
     # config.yaml's resources.train; with trainer.devices: N > 1, N tasks on one node
-    # (nidl_dino.training.distributed.train_job_resources)
+    # (nidl_dino.training.resources.train_job_resources)
     resources:
         **train_job_resources(config),
     params:

@@ -8,7 +8,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1]))
 
 from nidl_dino.model import training_scan_volumes
-from nidl_dino.training.distributed import in_slurm_allocation, n_devices, rank_paths, run_ranks
+from nidl_dino.training.distributed import in_slurm_allocation, rank_paths, run_ranks
+from nidl_dino.training.resources import n_devices
 from nidl_dino.training.run import resume_checkpoint, train_from_config, training_fingerprint
 from nidl_dino.workflow.jobs import job
 from nidl_dino.workflow.layout import Layout

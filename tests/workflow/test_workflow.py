@@ -436,7 +436,7 @@ def test_train_job_submits_one_task_per_device(devices, gpu, expected):
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
-    from nidl_dino.training.distributed import train_job_resources
+    from nidl_dino.training.resources import train_job_resources
 
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["trainer"]["devices"] = devices
@@ -482,3 +482,27 @@ def test_cohort_wide_rules_ask_for_resources_that_grow_with_the_cohort(tmp_path)
         expected = aggregate_resources(rule, 3)["mem_mb"]
         block = res.stdout.split(f"rule {rule}:")[1].split("\n\n")[0]
         assert f"mem_mb={expected}" in block, (rule, block)
+
+
+def test_parsing_the_snakefile_imports_neither_torch_nor_lightning():
+    """Every cluster job parses the Snakefile again: its imports stay light (torch takes seconds)."""
+    pattern = re.compile(
+        r"^(?:from nidl_dino\S* import (?:\([^)]*\)|.*)|import nidl_dino.*)$", re.M
+    )
+    imports = [
+        statement
+        for path in [REPO / "Snakefile", *sorted((REPO / "pipeline/rules").glob("*.smk"))]
+        for statement in pattern.findall(path.read_text())
+    ]
+    assert len(imports) >= 5
+    heavy = ("torch", "pytorch_lightning", "lightning", "monai", "ants", "sklearn")
+    code = "\n".join(
+        [
+            f"import sys; sys.path.insert(0, {str(REPO)!r})",
+            *imports,
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))",
+        ]
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]", imports
