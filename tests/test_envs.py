@@ -122,8 +122,11 @@ def _venv_for(env_file: Path, root: Path) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     requirements = venv / "requirements.txt"
     requirements.write_text("\n".join(pins) + "\n")
+    # --no-compile: byte-compiling every module of torch was half the install time; the imports
+    # below compile what they load
     res = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "-r", str(requirements)],
+        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile"]
+        + ["-r", str(requirements)],
         capture_output=True,
         text=True,
     )

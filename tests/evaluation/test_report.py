@@ -499,7 +499,8 @@ def test_page_stays_small_and_montage_pages_hold_every_scan(tmp_path):
     from nidl_dino.evaluation import report as rep
 
     picture = tmp_path / "qc.png"
-    matplotlib.image.imsave(picture, np.random.default_rng(0).random((300, 900, 3)))
+    # small: the test is about how many tiles and pages, not about encoding pictures
+    matplotlib.image.imsave(picture, np.random.default_rng(0).random((40, 120, 3)))
     n_ok, n_bad = 1200, 170
     ids = [f"sub-{i:05d}" for i in range(n_ok + n_bad)]
     qc = pd.DataFrame(
