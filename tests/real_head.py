@@ -12,6 +12,7 @@ Also used by ``benchmarks/`` (imported from there with this folder on ``sys.path
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -39,10 +40,20 @@ def mricron_files() -> dict[str, Path]:
         Unavailable: apt-get or dpkg missing, the download failed, or the package lacks a file.
     """
     root = cache_dir()
-    tree = root / "root"
-    paths = {name: tree / _INSIDE / name for name in FILES}
+    paths = {name: root / "root" / _INSIDE / name for name in FILES}
     if all(p.is_file() for p in paths.values()):
         return paths
+    root.mkdir(parents=True, exist_ok=True)
+    # test workers (pytest-xdist) may ask at once: one downloads, the others wait and reuse it
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if all(p.is_file() for p in paths.values()):
+            return paths
+        return _fetch(root, paths)
+
+
+def _fetch(root: Path, paths: dict[str, Path]) -> dict[str, Path]:
+    tree = root / "root"
     for tool in ("apt-get", "dpkg"):
         if shutil.which(tool) is None:
             raise Unavailable(f"{tool} not found: cannot obtain {PACKAGE} (a real head)")
