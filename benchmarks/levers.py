@@ -79,6 +79,10 @@ LEVERS: dict[str, tuple[list[str], str]] = {
     ),
     "seed_1": (["seed=1"], "defaults, training seed 1 (the seed spread)"),
     "seed_2": (["seed=2"], "defaults, training seed 2"),
+    "width_double_seed_1": (
+        ["encoder={'kwargs': {'channels': [32, 64, 128, 256]}}", "seed=1"],
+        "small_cnn doubled, training seed 1 (compare with seed_1)",
+    ),
     "n4_only": (
         ["preprocessing={'bias_correction': {'template_fit': {'enabled': False}}}"],
         "bias: N4 alone (no template fit)",
