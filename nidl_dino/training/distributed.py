@@ -26,6 +26,9 @@ from pytorch_lightning.callbacks import Callback
 
 from nidl_dino.errors import UserError
 
+# moved to resources.py (no torch there); code that imported them from here keeps working
+from nidl_dino.training.resources import n_devices, train_job_resources  # noqa: F401
+
 
 def in_slurm_allocation() -> bool:
     """True inside a SLURM job (the jobstep keeps SLURM_JOB_ID for nested ``srun``)."""
