@@ -57,7 +57,6 @@ def _fetch(root: Path, paths: dict[str, Path]) -> dict[str, Path]:
     for tool in ("apt-get", "dpkg"):
         if shutil.which(tool) is None:
             raise Unavailable(f"{tool} not found: cannot obtain {PACKAGE} (a real head)")
-    root.mkdir(parents=True, exist_ok=True)
     debs = sorted(root.glob(f"{PACKAGE}_*.deb"))
     if not debs:
         download = ["apt-get", "download", PACKAGE]

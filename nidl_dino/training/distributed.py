@@ -2,9 +2,10 @@
 
 With ``trainer.devices: N`` (N > 1) the SLURM profile submits the ``train`` job with N tasks on
 one node (:func:`nidl_dino.training.resources.train_job_resources`: the plugin turns
-``tasks``/``nodes`` into ``--ntasks=N --nodes=1``, and ``gpu: N`` with ``tasks_per_gpu: 1`` into ``--gpus=N --ntasks-per-gpu=1``). The
-``mpi`` resource keeps the plugin from wrapping the job in ``srun -n1``; the job's script then
-starts the N ranks itself with ``srun`` (:func:`run_ranks`), and Lightning's ``SLURMEnvironment``
+``tasks``/``nodes`` into ``--ntasks=N --nodes=1``, and ``gpu: N`` with ``tasks_per_gpu: 1``
+into ``--gpus=N --ntasks-per-gpu=1``). The ``mpi`` resource keeps the plugin from wrapping the
+job in ``srun -n1``; the job's script then starts the N ranks itself with ``srun``
+(:func:`run_ranks`), and Lightning's ``SLURMEnvironment``
 in each rank forms a world of N (DDP: gloo on CPUs, NCCL on GPUs). Each rank writes what it saw
 and what it ended with (:class:`RankRecord`), so a run can show that the shards were disjoint and
 the teachers identical.
