@@ -83,6 +83,14 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["encoder={'kwargs': {'channels': [32, 64, 128, 256]}}", "seed=1"],
         "small_cnn doubled, training seed 1 (compare with seed_1)",
     ),
+    "teacher_temp_002": (
+        ["dino={'teacher_temperature': 0.02, 'warmup_teacher_temp': 0.02}"],
+        "teacher temperature 0.02 (twice as soft as the default 0.01)",
+    ),
+    "affine_views": (
+        ["views={'affine': {'prob': 0.5}}"],
+        "random affine on each view, p 0.5 (rotation 10 deg, scale 10 %)",
+    ),
     "n4_only": (
         ["preprocessing={'bias_correction': {'template_fit': {'enabled': False}}}"],
         "bias: N4 alone (no template fit)",
