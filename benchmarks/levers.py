@@ -91,6 +91,10 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["views={'affine': {'prob': 0.5}}"],
         "random affine on each view, p 0.5 (rotation 10 deg, scale 10 %)",
     ),
+    "local_in_brain": (
+        ["views={'local_in_brain': True}"],
+        "local crops centred on a voxel inside the brain mask",
+    ),
     "n4_only": (
         ["preprocessing={'bias_correction': {'template_fit': {'enabled': False}}}"],
         "bias: N4 alone (no template fit)",

@@ -80,7 +80,9 @@ class RandResizedCrop3d(Randomizable, Transform):
     log-uniformly in ``aspect_ratio`` (the three factors renormalised to a product of 1, so the
     stretch keeps the volume). Draws where a side would exceed the input are retried (10 times,
     as torchvision does), then the sides are clipped to the input. The position is uniform over
-    all crops that lie inside the input.
+    all crops that lie inside the input; with ``in_foreground``, the crop is instead centred on
+    a voxel drawn uniformly among the input's non-zero voxels (any channel), then shifted inside
+    the input where it would cross its edge (a volume without non-zero voxels: uniform).
 
     Args:
         size: output spatial size ``(D, H, W)`` in voxels (an int for a cube).
@@ -88,6 +90,8 @@ class RandResizedCrop3d(Randomizable, Transform):
         aspect_ratio: range of the per-axis stretch factors (e.g. ``(0.8, 1.25)``; ``(1, 1)``
             keeps the input's proportions).
         mode: interpolation mode of MONAI's ``Resize`` (``"trilinear"``, ``"area"``, ...).
+        in_foreground: centre each crop on a non-zero voxel of the input (preprocessed volumes
+            are zero outside the dilated brain mask: crops then show brain, not background).
 
     Shape:
         ``(C, D_in, H_in, W_in)`` -> ``(C, *size)``.
@@ -102,14 +106,16 @@ class RandResizedCrop3d(Randomizable, Transform):
         scale: Sequence[float] = (0.4, 1.0),
         aspect_ratio: Sequence[float] = (0.8, 1.25),
         mode: str = "trilinear",
+        in_foreground: bool = False,
     ) -> None:
         self.size = tuple(int(s) for s in ensure_tuple_rep(size, 3))
+        self.in_foreground = bool(in_foreground)
         self.scale = (float(scale[0]), float(scale[1]))
         self.log_aspect = (math.log(aspect_ratio[0]), math.log(aspect_ratio[1]))
         self.resize = Resize(self.size, mode=mode)
         self.box: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
-    def randomize(self, spatial_shape: Sequence[int]) -> None:
+    def randomize(self, spatial_shape: Sequence[int], img: torch.Tensor | None = None) -> None:
         shape = np.asarray(spatial_shape, dtype=float)
         for _ in range(10):
             log_stretch = self.R.uniform(*self.log_aspect, size=3)
@@ -118,14 +124,30 @@ class RandResizedCrop3d(Randomizable, Transform):
             if np.all(sides <= shape):
                 break
         sides = np.clip(sides, 1, shape).astype(int)
-        start = [
-            int(self.R.randint(0, n - s + 1)) for n, s in zip(shape.astype(int), sides, strict=True)
-        ]
+        centre = self._foreground_voxel(img) if self.in_foreground and img is not None else None
+        if centre is None:
+            start = [
+                int(self.R.randint(0, n - s + 1))
+                for n, s in zip(shape.astype(int), sides, strict=True)
+            ]
+        else:
+            start = [
+                int(min(max(c - s // 2, 0), n - s))
+                for c, s, n in zip(centre, sides, shape.astype(int), strict=True)
+            ]
         self.box = (tuple(start), tuple(int(a + s) for a, s in zip(start, sides, strict=True)))
+
+    def _foreground_voxel(self, img: torch.Tensor) -> tuple[int, ...] | None:
+        """A voxel index drawn uniformly among the non-zero voxels of ``img`` (None: none)."""
+        nonzero = torch.as_tensor(img).ne(0).any(dim=0).flatten().nonzero().flatten()
+        if nonzero.numel() == 0:
+            return None
+        flat = int(nonzero[int(self.R.randint(0, nonzero.numel()))])
+        return tuple(int(i) for i in np.unravel_index(flat, tuple(img.shape[1:])))
 
     def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
         if randomize or self.box is None:
-            self.randomize(img.shape[1:])
+            self.randomize(img.shape[1:], img)
         start, stop = self.box
         return self.resize(SpatialCrop(roi_start=start, roi_end=stop)(img))
 
@@ -299,6 +321,8 @@ class MultiCropTransform(Randomizable, Transform):
         global_scale: range of a global crop's volume as a fraction of the input volume.
         local_scale: same for local crops.
         aspect_ratio: range of the per-axis stretch of a crop (see :class:`RandResizedCrop3d`).
+        local_in_brain: centre each local crop on a non-zero voxel of the volume (inside the
+            dilated brain mask of a preprocessed volume) instead of anywhere in it.
         flip: ``{prob, axes}``: each listed spatial axis (0 = D, the left-right axis of RAS
             volumes) is flipped independently with ``prob``.
         affine: ``{prob, rotate_deg, scale}``: rotation up to +-``rotate_deg`` degrees and
@@ -338,6 +362,7 @@ class MultiCropTransform(Randomizable, Transform):
         global_scale: Sequence[float] = DEFAULT_VIEWS_CONFIG["global_scale"],
         local_scale: Sequence[float] = DEFAULT_VIEWS_CONFIG["local_scale"],
         aspect_ratio: Sequence[float] = DEFAULT_VIEWS_CONFIG["aspect_ratio"],
+        local_in_brain: bool = DEFAULT_VIEWS_CONFIG["local_in_brain"],
         flip: Mapping[str, Any] | None = None,
         affine: Mapping[str, Any] | None = None,
         intensity: Mapping[str, Any] | None = None,
@@ -375,6 +400,9 @@ class MultiCropTransform(Randomizable, Transform):
         # The parsed settings, for the batched device version (nidl_dino.views.device).
         self.global_scale, self.local_scale = scales["global_scale"], scales["local_scale"]
         self.aspect_ratio = aspect
+        if not isinstance(local_in_brain, bool):
+            raise UserError(f"views.local_in_brain: expected true or false, got {local_in_brain!r}")
+        self.local_in_brain = local_in_brain
         self.flip = {"prob": flip_prob, "axes": tuple(int(a) for a in flip["axes"])}
         self.affine = {
             "prob": affine_prob,
@@ -386,7 +414,8 @@ class MultiCropTransform(Randomizable, Transform):
         self.gamma_range, self.sigma_range = gamma, sigma
 
         def view_pipeline(kind: int, size: tuple[int, int, int], scale: tuple) -> Compose:
-            steps: list[Any] = [RandResizedCrop3d(size, scale, aspect)]
+            in_brain = kind == 2 and local_in_brain
+            steps: list[Any] = [RandResizedCrop3d(size, scale, aspect, in_foreground=in_brain)]
             steps += [RandFlip(flip_prob, spatial_axis=a) for a in flip["axes"]]
             if affine_prob > 0:
                 steps.append(

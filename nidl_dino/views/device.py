@@ -13,7 +13,8 @@ batch ``(B, C, D, H, W)`` already on the device, so that a GPU run is not bound 
   (a transform that is not drawn still runs, and is discarded: cheaper on a GPU than a sync);
 - crop, resize, flips and the affine are one ``grid_sample`` per view (trilinear,
   ``align_corners=False``: a crop resized to its own size samples its voxel centres, to float
-  rounding);
+  rounding); local crops centred in the brain (``views.local_in_brain``) draw their centre with one
+  ``torch.multinomial`` over the foreground;
   the Gaussian kernels are built on the device, three separable grouped convolutions per view;
   the Legendre bases of the bias field are built once per view size.
 
@@ -120,9 +121,12 @@ class DeviceViews:
         stretch = torch.exp(log_stretch - log_stretch.mean(dim=1, keepdim=True))
         sides = torch.round(shape * scale ** (1 / 3) * stretch)
         sides = torch.minimum(sides.clamp_min(1.0), shape)
-        start = torch.floor(
-            torch.rand((batch, 3), generator=gen, device=device) * (shape - sides + 1)
-        )
+        if kind == 2 and spec.local_in_brain:
+            start = self._start_in_foreground(volumes, sides, gen)
+        else:
+            start = torch.floor(
+                torch.rand((batch, 3), generator=gen, device=device) * (shape - sides + 1)
+            )
         start = torch.minimum(start, shape - sides)
         self.last_boxes.append({"start": start, "sides": sides})
         centre = (2 * start + sides) / shape - 1  # normalised, align_corners=False
@@ -138,6 +142,24 @@ class DeviceViews:
         # affine_grid's coordinates are (x, y, z) = (W, H, D): reverse both axes
         linear = linear.flip(-1).flip(-2)
         return torch.cat([linear, centre.flip(-1)[:, :, None]], dim=2)
+
+    @staticmethod
+    def _start_in_foreground(
+        volumes: torch.Tensor, sides: torch.Tensor, gen: torch.Generator
+    ) -> torch.Tensor:
+        """(B, 3) crop starts centred on a voxel drawn among each volume's non-zero voxels.
+
+        One ``torch.multinomial`` over the flattened foreground (no host sync); a volume without
+        non-zero voxels draws uniformly over all of them. The start is shifted inside the volume
+        where the crop would cross its edge (the caller clamps the far side).
+        """
+        foreground = volumes.ne(0).any(dim=1).flatten(1).float()  # (B, D*H*W)
+        empty = foreground.sum(dim=1, keepdim=True) == 0
+        weights = torch.where(empty, torch.ones_like(foreground), foreground)
+        flat = torch.multinomial(weights, 1, generator=gen).squeeze(1)
+        _, h, w = volumes.shape[2:]
+        centre = torch.stack([flat // (h * w), (flat // w) % h, flat % w], dim=1).to(sides.dtype)
+        return (centre - torch.floor(sides / 2)).clamp_min(0.0)
 
     def _affine(self, gen: torch.Generator, batch: int, device) -> torch.Tensor:
         """(B, 3, 3) rotation x scaling about the crop centre (identity where not drawn)."""

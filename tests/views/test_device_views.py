@@ -149,6 +149,39 @@ def test_device_views_never_read_a_tensor_back_to_the_host(monkeypatch):
     assert all(torch.equal(u, v) for u, v in zip(out, fresh, strict=True))
 
 
+def test_local_crops_in_the_brain_are_centred_on_a_non_zero_voxel():
+    volumes = torch.zeros(3, 1, 20, 20, 20)
+    volumes[0, 0, 8:12, 6:10, 9:13] = 1.0
+    volumes[1, 0, 5:9, 10:15, 6:11] = 2.0
+    # volume 2 has no non-zero voxel: its crops fall back to uniform positions
+    views = DeviceViews(MultiCropTransform(**{**PLAIN, "num_local_crops": 6}, local_in_brain=True))
+    for seed in range(5):
+        out = views(volumes, seed=seed)
+        for view, box in zip(out[2:], views.last_boxes[2:], strict=True):
+            for b in range(3):
+                start, sides = box["start"][b], box["sides"][b]
+                assert bool((start >= 0).all() and (start + sides <= 20).all())
+                if b < 2:  # sides 7 and a box 5+ voxels from the edges: no shift at an edge
+                    z, y, x = (start + torch.floor(sides / 2)).long().tolist()
+                    assert volumes[b, 0, z, y, x] != 0
+                    assert view[b].abs().sum() > 0
+    global_boxes = views.last_boxes[:2]
+    anywhere = DeviceViews(MultiCropTransform(**{**PLAIN, "num_local_crops": 6}))
+    anywhere(volumes, seed=4)
+    for mine, theirs in zip(global_boxes, anywhere.last_boxes[:2], strict=True):
+        assert torch.equal(mine["start"], theirs["start"])  # global views are not moved
+
+
+def test_local_crops_in_the_brain_never_read_a_tensor_back_to_the_host(monkeypatch):
+    views = DeviceViews(MultiCropTransform(**EVERYTHING, local_in_brain=True))
+    volumes = torch.randn(3, 1, 20, 20, 20).clamp_min(0)
+    for name in FORBIDDEN:
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("host sync"))
+    out = views(volumes, seed=1)
+    monkeypatch.undo()
+    assert len(out) == 4 and all(torch.isfinite(v).all() for v in out)
+
+
 # ---------------------------------------------------------------- through the datamodule
 
 

@@ -187,3 +187,54 @@ def test_batch_views_makes_the_same_batch_format():
 def test_bad_config_names_the_key(cfg, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         MultiCropTransform(**cfg)
+
+
+def _box_volume(shape=(40, 36, 32), box=((20, 30), (6, 14), (10, 22))) -> torch.Tensor:
+    x = torch.zeros((1, *shape))
+    (z0, z1), (y0, y1), (x0, x1) = box
+    x[0, z0:z1, y0:y1, x0:x1] = 1.0
+    return x
+
+
+def test_a_crop_in_the_foreground_is_centred_on_a_non_zero_voxel():
+    # The box lies 4+ voxels from every edge and crops have side 8: no shift at the edges, so
+    # the crop's centre voxel (start + side // 2) is the drawn one, inside the box.
+    x = _box_volume()
+    crop = RandResizedCrop3d(8, (8**3 / x[0].numel(),) * 2, (1, 1), in_foreground=True)
+    crop.set_random_state(0)
+    centres = []
+    for _ in range(300):
+        out = crop(x)
+        start, stop = crop.box
+        centre = [a + (b - a) // 2 for a, b in zip(start, stop, strict=True)]
+        assert x[0, centre[0], centre[1], centre[2]] == 1.0
+        assert out.shape == (1, 8, 8, 8) and out.sum() > 0
+        centres.append(centre)
+    # drawn uniformly over the box: the mean centre is the box's middle (voxel indices 19.5 +
+    # 4 .. 10 / 15.5 means, standard error < 0.2 voxel over 300 draws)
+    assert np.allclose(np.mean(centres, axis=0), [24.5, 9.5, 15.5], atol=0.7)
+
+
+def test_crops_anywhere_miss_a_small_foreground_and_an_empty_volume_falls_back():
+    x = _box_volume()
+    anywhere = RandResizedCrop3d(8, (8**3 / x[0].numel(),) * 2, (1, 1)).set_random_state(0)
+    assert any(anywhere(x).sum() == 0 for _ in range(100))
+    crop = RandResizedCrop3d(8, (0.05, 0.2), (1, 1), in_foreground=True).set_random_state(0)
+    for _ in range(20):
+        out = crop(torch.zeros(1, 20, 20, 20))  # nothing non-zero: a uniform position
+        start, stop = crop.box
+        assert out.shape == (1, 8, 8, 8)
+        assert all(0 <= a < b <= 20 for a, b in zip(start, stop, strict=True))
+
+
+def test_local_in_brain_moves_the_local_views_only():
+    x = _box_volume()
+    cfg = {**SMALL, "global_scale": [0.3, 0.3], "local_scale": [0.01, 0.01], "num_local_crops": 8}
+    cfg["intensity"] = {"noise": {"prob": [0, 0, 0]}, "smooth": {"prob": [0, 0, 0]}}
+    views = MultiCropTransform(**cfg, local_in_brain=True).set_random_state(0)
+    assert not views.global_views[0].transforms[0].in_foreground
+    assert views.local_view.transforms[0].in_foreground
+    for _ in range(10):
+        assert all(v.sum() > 0 for v in views(x)[2:])
+    with pytest.raises(UserError, match=r"views\.local_in_brain"):
+        MultiCropTransform(local_in_brain="yes")
