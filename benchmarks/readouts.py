@@ -142,7 +142,6 @@ def main() -> int:
     )
     if not names:
         raise SystemExit(f"no cohort with results/model/teacher.pt below {args.out}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     for name in names:
         scores = cohort_scores(args.out / name / "results")
         print(f"\n### {name}\n\n{table(scores)}", flush=True)
