@@ -67,6 +67,7 @@ class DeviceViews:
         #: Per view, the crop boxes of the last call: {"start": (B, 3), "sides": (B, 3)} in
         #: voxels (device tensors; for tests and debugging).
         self.last_boxes: list[dict[str, torch.Tensor]] = []
+        self._crop_weights: torch.Tensor | None = None  # local crops' weights, per call
 
     def __call__(self, volumes: torch.Tensor, seed: int) -> list[torch.Tensor]:
         if volumes.ndim != 5:
@@ -76,6 +77,10 @@ class DeviceViews:
         volumes = volumes if volumes.dtype == torch.float64 else volumes.float()
         self.last_boxes = []
         kinds = [0, 1] + [2] * self.num_local_crops
+        # the local crops' sampling weights, once per batch (not once per local view)
+        self._crop_weights = None
+        if self.spec.local_in_brain and self.num_local_crops > 0:
+            self._crop_weights = self._foreground_weights(volumes)
         return [self._view(volumes, kind, gen) for kind in kinds]
 
     # ------------------------------------------------------------------ random draws
@@ -122,7 +127,7 @@ class DeviceViews:
         sides = torch.round(shape * scale ** (1 / 3) * stretch)
         sides = torch.minimum(sides.clamp_min(1.0), shape)
         if kind == 2 and spec.local_in_brain:
-            start = self._start_in_foreground(volumes, sides, gen)
+            start = self._start_in_foreground(self._crop_weights, volumes.shape, sides, gen)
         else:
             start = torch.floor(
                 torch.rand((batch, 3), generator=gen, device=device) * (shape - sides + 1)
@@ -144,20 +149,24 @@ class DeviceViews:
         return torch.cat([linear, centre.flip(-1)[:, :, None]], dim=2)
 
     @staticmethod
-    def _start_in_foreground(
-        volumes: torch.Tensor, sides: torch.Tensor, gen: torch.Generator
-    ) -> torch.Tensor:
-        """(B, 3) crop starts centred on a voxel drawn among each volume's non-zero voxels.
-
-        One ``torch.multinomial`` over the flattened foreground (no host sync); a volume without
-        non-zero voxels draws uniformly over all of them. The start is shifted inside the volume
-        where the crop would cross its edge (the caller clamps the far side).
-        """
-        foreground = volumes.ne(0).any(dim=1).flatten(1).float()  # (B, D*H*W)
+    def _foreground_weights(volumes: torch.Tensor) -> torch.Tensor:
+        """(B, D*H*W) sampling weights: 1 on non-zero voxels (any channel), 0 elsewhere; a
+        volume without non-zero voxels weighs every voxel alike."""
+        foreground = volumes.ne(0).any(dim=1).flatten(1).float()
         empty = foreground.sum(dim=1, keepdim=True) == 0
-        weights = torch.where(empty, torch.ones_like(foreground), foreground)
+        return torch.where(empty, torch.ones_like(foreground), foreground)
+
+    @staticmethod
+    def _start_in_foreground(
+        weights: torch.Tensor, shape: torch.Size, sides: torch.Tensor, gen: torch.Generator
+    ) -> torch.Tensor:
+        """(B, 3) crop starts centred on a voxel drawn with ``weights`` (:meth:`_foreground_weights`).
+
+        One ``torch.multinomial`` (no host sync). The start is shifted inside the volume where
+        the crop would cross its edge (the caller clamps the far side).
+        """
         flat = torch.multinomial(weights, 1, generator=gen).squeeze(1)
-        _, h, w = volumes.shape[2:]
+        h, w = shape[-2:]
         centre = torch.stack([flat // (h * w), (flat // w) % h, flat % w], dim=1).to(sides.dtype)
         return (centre - torch.floor(sides / 2)).clamp_min(0.0)
 
