@@ -61,6 +61,10 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["views={'local_size': [32, 32, 32], 'local_scale': [0.125, 0.125]}"],
         "local crops 32^3 (1/8 of the volume)",
     ),
+    "global_64": (
+        ["views={'global_size': [64, 64, 64]}"],
+        "global views 64^3: the whole volume at its own size, as extraction reads it (2.2x compute)",
+    ),
     "width_half": (["encoder={'kwargs': {'channels': [8, 16, 32, 64]}}"], "small_cnn halved"),
     "width_double": (["encoder={'kwargs': {'channels': [32, 64, 128, 256]}}"], "doubled"),
     "grid_2mm": (

@@ -14,7 +14,11 @@ brain intensity histogram. Readouts:
   ``extract.pooling: stages_mean_std``; its DINO row reproduces the workflow's);
 - ``stageK``: the same for stage K alone; ``stages12`` / ``stages34``: the finer / coarser half;
 - ``brainq``: 5 quantiles (10-90 %) per channel of every stage over the brain; ``brainq12``:
-  of the first two stages only.
+  of the first two stages only;
+- ``mean_std@G``: ``mean_std`` of the volume resized (trilinear) to ``G``^3 voxels, the size of
+  the global views the teacher was trained on (``--global-size``, config.yaml's 48): the
+  workflow reads the teacher out at the volume's own size (64^3 on the demo grid), where the
+  brain is 4/3 as large as in every view it saw.
 
 Nothing is trained: about 3 minutes a 72-scan cohort on a 2-core CPU. Prints, per cohort, age
 MAE and sex ROC-AUC (mean +/- spread over the folds) for the trained and the random weights,
@@ -92,7 +96,13 @@ def readouts(stages: list[torch.Tensor], x: torch.Tensor) -> dict[str, np.ndarra
     return {name: t.numpy() for name, t in out.items()}
 
 
-def cohort_scores(results: Path) -> pd.DataFrame:
+def mean_std_at_size(encoder: torch.nn.Module, x: torch.Tensor, size: int) -> np.ndarray:
+    """``mean_std`` of the volumes resized (trilinear, as the global views) to ``size``^3."""
+    small = F.interpolate(x, size=(size,) * 3, mode="trilinear", align_corners=False)
+    return torch.cat([_mean_std(t) for t in stage_maps(encoder, small)], dim=1).numpy()
+
+
+def cohort_scores(results: Path, global_size: int | None = None) -> pd.DataFrame:
     """Probe scores of every readout of the trained and random encoders, and the histogram."""
     table, x = cohort_volumes(results)
     teacher, info = load_teacher(results / "model" / "teacher.pt")
@@ -100,6 +110,8 @@ def cohort_scores(results: Path) -> pd.DataFrame:
     for tag, encoder in (("dino", teacher), ("random", random_encoder_like(info, seed=0))):
         for name, values in readouts(stage_maps(encoder, x), x).items():
             sets[f"{tag}:{name}"] = values
+        if global_size and tuple(x.shape[2:]) != (global_size,) * 3:
+            sets[f"{tag}:mean_std@{global_size}"] = mean_std_at_size(encoder, x, global_size)
     scan_ids = [str(s) for s in table["scan_id"]]
     path = results / "features" / "baselines" / "brain_histogram.parquet"
     histograms, _ = read_baseline_table(path, scan_ids)
@@ -136,6 +148,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="a feature_quality.py --out folder")
     parser.add_argument("--cohorts", nargs="*", help="cohort folder names (default: all)")
+    parser.add_argument(
+        "--global-size",
+        type=int,
+        default=48,
+        help="side of the global views in training (views.global_size; 0: no mean_std@G)",
+    )
     args = parser.parse_args()
     names = args.cohorts or sorted(
         p.name for p in args.out.iterdir() if (p / "results" / "model" / "teacher.pt").exists()
@@ -143,7 +161,7 @@ def main() -> int:
     if not names:
         raise SystemExit(f"no cohort with results/model/teacher.pt below {args.out}")
     for name in names:
-        scores = cohort_scores(args.out / name / "results")
+        scores = cohort_scores(args.out / name / "results", args.global_size)
         print(f"\n### {name}\n\n{table(scores)}", flush=True)
     print(f"\n{describe_machine()}")
     return 0

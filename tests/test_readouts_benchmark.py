@@ -39,3 +39,17 @@ def test_mean_std_is_the_workflows_readout_and_subsets_partition_it():
     # 5 quantiles per channel, ordered within each channel
     q = out["brainq"].reshape(3, -1, 5)
     assert q.shape[1] == 16 + 32 + 64 + 128 and (np.diff(q, axis=2) >= -1e-6).all()
+
+
+def test_mean_std_at_size_reads_the_volume_as_the_global_views_show_it():
+    readouts = load_script()
+    torch.manual_seed(1)
+    encoder = build_encoder("small_cnn", in_channels=1, image_size=None).eval()
+    x = torch.rand(2, 1, 32, 32, 32)
+    out = readouts.mean_std_at_size(encoder, x, 16)
+    # a 2x trilinear downsampling (align_corners=False) is the mean of each 2^3 block's centre
+    # pair per axis: the average of the 8 voxels of each block
+    blocks = x.reshape(2, 1, 16, 2, 16, 2, 16, 2).mean(dim=(3, 5, 7))
+    expected = readouts.readouts(readouts.stage_maps(encoder, blocks), blocks)["mean_std"]
+    assert out.shape == expected.shape
+    assert np.allclose(out, expected, atol=1e-5)
