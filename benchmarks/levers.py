@@ -91,6 +91,10 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["dino={'teacher_temperature': 0.02, 'warmup_teacher_temp': 0.02}"],
         "teacher temperature 0.02 (twice as soft as the default 0.01)",
     ),
+    "momentum_0996": (
+        ["dino={'base_lambda': 0.996, 'final_lambda': 1.0}"],
+        "teacher momentum 0.996 -> 1 (the DINO paper's) instead of 0.99 -> 0.999",
+    ),
     "affine_views": (
         ["views={'affine': {'prob': 0.5}}"],
         "random affine on each view, p 0.5 (rotation 10 deg, scale 10 %)",
