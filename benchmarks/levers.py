@@ -81,6 +81,7 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ],
         "4 mm grid (48^3), same view scales",
     ),
+    "rerun": ([], "defaults again (same seed): is a rerun on this machine identical?"),
     "seed_1": (["seed=1"], "defaults, training seed 1 (the seed spread)"),
     "seed_2": (["seed=2"], "defaults, training seed 2"),
     "width_double_seed_1": (
