@@ -65,6 +65,10 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["views={'global_size': [64, 64, 64]}"],
         "global views 64^3: the whole volume at its own size, as extraction reads it (2.2x compute)",
     ),
+    "global_40": (
+        ["views={'global_size': [40, 40, 40]}"],
+        "global views 40^3 (the whole volume at 5/8 of its size: coarser than the local crops)",
+    ),
     "width_half": (["encoder={'kwargs': {'channels': [8, 16, 32, 64]}}"], "small_cnn halved"),
     "width_double": (["encoder={'kwargs': {'channels': [32, 64, 128, 256]}}"], "doubled"),
     "grid_2mm": (
