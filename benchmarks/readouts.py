@@ -17,8 +17,8 @@ brain intensity histogram. Readouts:
   of the first two stages only;
 - ``mean_std@G``: ``mean_std`` of the volume resized (trilinear) to ``G``^3 voxels, the size of
   the global views the teacher was trained on (``--global-size``, config.yaml's 48): the
-  workflow reads the teacher out at the volume's own size (64^3 on the demo grid), where the
-  brain is 4/3 as large as in every view it saw.
+  workflow reads the teacher out at the volume's own size (64^3 on the demo grid), the scale of
+  the local crops, where the brain is 4/3 as large as in the global views.
 
 Nothing is trained: about 3 minutes a 72-scan cohort on a 2-core CPU. Prints, per cohort, age
 MAE and sex ROC-AUC (mean +/- spread over the folds) for the trained and the random weights,
