@@ -202,12 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--quick", action="store_true", help="small sizes and few steps")
     parser.add_argument("--steps", type=int, help="training steps (default 300, quick 8)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="loader processes (default 2, quick 0; the workflow's data.num_workers: auto gives "
+        "the train job's threads, 16 in the recipe)",
+    )
     parser.add_argument("--max-feature-error", type=float, default=0.05,
                         help="fail when the median bf16-vs-fp32 relative feature error exceeds it")  # fmt: skip
     args = parser.parse_args(argv)
     setting = dict(QUICK if args.quick else GPU_RECIPE)
     if args.steps:
         setting["steps"] = args.steps
+    if args.workers is not None:
+        setting["workers"] = args.workers
     try:
         if args.device == "cuda":
             from nidl_dino.training.devices import check_gpu
@@ -219,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"# recipe: resnet18, bf16-mixed, views on device, {setting['size']}^3 volumes -> "
             f"2 x {setting['global']}^3 + {setting['local_crops']} x {setting['local']}^3, "
-            f"batch {setting['batch']}, {setting['steps']} steps, {setting['subjects']} subjects"
+            f"batch {setting['batch']}, {setting['steps']} steps, {setting['subjects']} subjects, {setting['workers']} loader workers"
         )
         with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
             folder = Path(tmp)
