@@ -63,7 +63,7 @@ LEVERS: dict[str, tuple[list[str], str]] = {
     ),
     "global_64": (
         ["views={'global_size': [64, 64, 64]}"],
-        "global views 64^3: the whole volume at its own size, as extraction reads it (2.2x compute)",
+        "global views 64^3: the whole volume at its own size, as extraction reads it (3x training)",
     ),
     "global_40": (
         ["views={'global_size': [40, 40, 40]}"],

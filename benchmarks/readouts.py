@@ -16,7 +16,8 @@ brain intensity histogram. Readouts:
 - ``brainq``: 5 quantiles (10-90 %) per channel of every stage over the brain; ``brainq12``:
   of the first two stages only;
 - ``mean_std@G``: ``mean_std`` of the volume resized (trilinear) to ``G``^3 voxels, the size of
-  the global views the teacher was trained on (``--global-size``, config.yaml's 48): the
+  the global views the teacher was trained on (read from the teacher file; ``--global-size``
+  overrides it, 0 leaves the row out): the
   workflow reads the teacher out at the volume's own size (64^3 on the demo grid), the scale of
   the local crops, where the brain is 4/3 as large as in the global views.
 
@@ -106,6 +107,8 @@ def cohort_scores(results: Path, global_size: int | None = None) -> pd.DataFrame
     """Probe scores of every readout of the trained and random encoders, and the histogram."""
     table, x = cohort_volumes(results)
     teacher, info = load_teacher(results / "model" / "teacher.pt")
+    if global_size is None:  # the teacher's first image size is its global views'
+        global_size = int(info["image_size"][0][0])
     sets: dict[str, np.ndarray] = {}
     for tag, encoder in (("dino", teacher), ("random", random_encoder_like(info, seed=0))):
         for name, values in readouts(stage_maps(encoder, x), x).items():
@@ -151,8 +154,8 @@ def main() -> int:
     parser.add_argument(
         "--global-size",
         type=int,
-        default=48,
-        help="side of the global views in training (views.global_size; 0: no mean_std@G)",
+        default=None,
+        help="side of the global views in training (default: the teacher's; 0: no mean_std@G)",
     )
     args = parser.parse_args()
     names = args.cohorts or sorted(
