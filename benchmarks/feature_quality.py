@@ -149,7 +149,12 @@ def run_variant(variant: BenchVariant, args, configfiles: list[Path]) -> dict:
     t0 = time.time()
     if not (bids / "participants.tsv").exists():
         make_demo_dataset(
-            bids, n_subjects=args.scans, seed=variant.seed, n_bad=args.n_bad, variant=variant.preset
+            bids,
+            n_subjects=args.scans,
+            seed=variant.seed,
+            n_bad=args.n_bad,
+            variant=variant.preset,
+            workers=args.cores,
         )
     t_data = time.time() - t0
     cmd = [
@@ -170,15 +175,16 @@ def run_variant(variant: BenchVariant, args, configfiles: list[Path]) -> dict:
         *(["--forcerun", *args.forcerun] if args.forcerun else []),
     ]
     t1 = time.time()
-    run = subprocess.run(cmd, cwd=out, capture_output=True, text=True)
+    log = out / "snakemake.log"
+    with log.open("w") as stream:  # written as it runs: a run stopped by a time limit keeps it
+        run = subprocess.run(cmd, cwd=out, stdout=stream, stderr=subprocess.STDOUT, text=True)
     t_run = time.time() - t1
-    (out / "snakemake.log").write_text(run.stdout + run.stderr)
     return {
         "out": out,
         "bids": bids,
         "results": out / "results",
         "returncode": run.returncode,
-        "stderr": run.stderr,
+        "stderr": log.read_text(),
         "t_data": t_data,
         "t_run": t_run,
     }

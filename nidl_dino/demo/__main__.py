@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
     parser.add_argument("--sessions", action="store_true", help="two sessions per subject")
     parser.add_argument("--n-bad", type=int, default=2, help="subjects with a bad scan (2)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes writing subjects at once (1); same bytes"
+    )
     knobs = parser.add_argument_group(
         "cohort variant", "a preset, and single knobs changed from it (nidl_dino.demo.variant)"
     )
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             sessions=args.sessions,
             n_bad=args.n_bad,
             variant=variant,
+            workers=args.workers,
         )
     except (UserError, ValueError, OSError) as err:
         parser.error(str(err))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import nibabel as nib
@@ -274,6 +277,7 @@ def make_demo_dataset(
     variant: str | CohortVariant | None = None,
     sites: Sequence[scanner.SiteProtocol] | None = None,
     bad_kinds: Sequence[str] = BAD_KINDS,
+    workers: int = 1,
 ) -> pd.DataFrame:
     """Generate the synthetic T1w demo cohort as a BIDS dataset.
 
@@ -294,6 +298,8 @@ def make_demo_dataset(
         sites: Site protocols, replacing the variant's; subjects are spread evenly across them.
         bad_kinds: Kinds of bad scans, assigned in turn to the bad subjects (see
             :data:`BAD_KINDS`).
+        workers: Processes that write subjects at once (each subject draws from its own seeded
+            generator, so any number gives the same bytes); 1 writes them in this process.
 
     Returns:
         The participants table (``participant_id``, ``age``, ``sex``, ``site``) with one more
@@ -309,6 +315,8 @@ def make_demo_dataset(
         raise ValueError(f"n_subjects must be >= 1, got {n_subjects}")
     if not 0 <= n_bad <= n_subjects:
         raise ValueError(f"n_bad must be between 0 and n_subjects ({n_subjects}), got {n_bad}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     variant = get_variant(variant)
     if sites is not None:
         if not sites or len({s.name for s in sites}) != len(sites):
@@ -327,7 +335,9 @@ def make_demo_dataset(
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     try:
-        cohort = _write_dataset(partial, n_subjects, seed, sessions, n_bad, variant, bad_kinds)
+        cohort = _write_dataset(
+            partial, n_subjects, seed, sessions, n_bad, variant, bad_kinds, workers
+        )
         _move_into_place(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -343,6 +353,7 @@ def _write_dataset(
     n_bad: int,
     variant: CohortVariant,
     bad_kinds: Sequence[str],
+    workers: int = 1,
 ) -> pd.DataFrame:
     """Write the whole dataset into ``out`` (an empty directory); return the cohort table."""
     sites = variant.sites
@@ -359,9 +370,20 @@ def _write_dataset(
 
     records = []
     start = time.perf_counter()
-    for i, row in enumerate(cohort.itertuples(index=False)):
-        records += _write_subject(out, i, row, seed, site_of[row.site], sessions, variant)
-        logger.info("%s done (%d/%d)", row.participant_id, i + 1, n_subjects)
+    jobs = [
+        # rows as plain namespaces: itertuples' namedtuple class cannot be pickled to a worker
+        (out, i, SimpleNamespace(**row._asdict()), seed, site_of[row.site], sessions, variant)
+        for i, row in enumerate(cohort.itertuples(index=False))
+    ]
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(jobs) > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(min(workers, len(jobs))))
+            done = pool.map(_write_subject, *zip(*jobs, strict=True))
+        else:
+            done = (_write_subject(*job) for job in jobs)
+        for (_, i, row, *_), rows in zip(jobs, done, strict=True):  # in subject order
+            records += rows
+            logger.info("%s done (%d/%d)", row.participant_id, i + 1, n_subjects)
     manifest = pd.DataFrame.from_records(records)
     _write_tsv(out / MANIFEST_NAME, manifest.round(4))
     elapsed = time.perf_counter() - start

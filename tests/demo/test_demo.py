@@ -55,6 +55,18 @@ def test_same_seed_same_bytes(default_demo, tmp_path):
     assert all(first[name] == second[name] for name in first)
 
 
+def test_workers_same_bytes(default_demo, tmp_path):
+    """Subjects written by two worker processes are byte for byte the serial ones."""
+    root, table = default_demo
+    again = make_demo_dataset(tmp_path / "par", n_subjects=3, seed=0, n_bad=2, workers=2)
+    pd.testing.assert_frame_equal(table, again)
+    first, second = _files(root), _files(tmp_path / "par")
+    assert sorted(first) == sorted(second)
+    assert all(first[name] == second[name] for name in first)
+    with pytest.raises(ValueError, match="workers"):
+        make_demo_dataset(tmp_path / "zero", n_subjects=2, workers=0)
+
+
 def test_other_seed_other_data(tmp_path):
     kwargs = dict(n_subjects=2, n_bad=0, sites=COARSE_SITES)
     make_demo_dataset(tmp_path / "s1", seed=1, **kwargs)
