@@ -148,7 +148,10 @@ def run(base: Path, name: str, extra: list[str]) -> None:
     for value in sets:
         cmd += ["--set", value]
     start = time.time()
-    with open(out.parent / f"{name}.log", "w") as log:
+    # appended: a lever run again on other cohorts keeps the earlier runs' tables
+    with open(out.parent / f"{name}.log", "a") as log:
+        log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd[1:])}\n")
+        log.flush()
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
     print(f"{name}: exit {code}, {time.time() - start:.0f} s", flush=True)
 
