@@ -108,6 +108,25 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["views={'local_in_brain': True}"],
         "local crops centred on a voxel inside the brain mask",
     ),
+    "lr_0005": (
+        ["dino={'learning_rate': 0.0005}"],
+        "learning rate 5e-4 instead of 2e-3 (a quarter)",
+    ),
+    "bias_aug": (
+        ["views={'intensity': {'bias_field': {'prob': [0.5, 0.5, 0.5]}}}"],
+        "a random smooth bias field (coefficient 0.2) on half the views",
+    ),
+    "k_1024": (["dino={'proj_output_dim': 1024}"], "1024 prototypes instead of 256"),
+    "blur_strong": (
+        ["views={'intensity': {'smooth': {'prob': [1.0, 1.0, 1.0], 'sigma': [0.5, 1.5]}}}"],
+        "Gaussian blur on every view, sigma 0.5-1.5 voxels (was p 0.5, 0.25-1)",
+    ),
+    "aug_off": (
+        [
+            "views={'intensity': {'smooth': {'prob': [0.0, 0.0, 0.0]}, 'noise': {'prob': [0.0, 0.0, 0.0]}}}"
+        ],
+        "no noise and no blur on the views (crops and flips only)",
+    ),
     "n4_only": (
         ["preprocessing={'bias_correction': {'template_fit': {'enabled': False}}}"],
         "bias: N4 alone (no template fit)",
