@@ -112,6 +112,10 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["dino={'learning_rate': 0.0005}"],
         "learning rate 5e-4 instead of 2e-3 (a quarter)",
     ),
+    "lr_004": (
+        ["dino={'learning_rate': 0.004}"],
+        "learning rate 4e-3 instead of 2e-3 (twice)",
+    ),
     "bias_aug": (
         ["views={'intensity': {'bias_field': {'prob': [0.5, 0.5, 0.5]}}}"],
         "a random smooth bias field (coefficient 0.2) on half the views",
