@@ -131,6 +131,20 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ],
         "no noise and no blur on the views (crops and flips only)",
     ),
+    "blur_strong_seed_1": (
+        [
+            "views={'intensity': {'smooth': {'prob': [1.0, 1.0, 1.0], 'sigma': [0.5, 1.5]}}}",
+            "seed=1",
+        ],
+        "blur_strong, training seed 1 (compare with seed_1)",
+    ),
+    "blur_strong_seed_2": (
+        [
+            "views={'intensity': {'smooth': {'prob': [1.0, 1.0, 1.0], 'sigma': [0.5, 1.5]}}}",
+            "seed=2",
+        ],
+        "blur_strong, training seed 2 (compare with seed_2)",
+    ),
     "n4_only": (
         ["preprocessing={'bias_correction': {'template_fit': {'enabled': False}}}"],
         "bias: N4 alone (no template fit)",
