@@ -28,6 +28,9 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 
+#: Gaussian blur on every view, sigma 0.5-1.5 voxels (the blur_strong levers).
+BLUR_STRONG = "views={'intensity': {'smooth': {'prob': [1.0, 1.0, 1.0], 'sigma': [0.5, 1.5]}}}"
+
 #: lever name -> snakemake --config overrides (config.yaml keys), and what it changes.
 LEVERS: dict[str, tuple[list[str], str]] = {
     "readout_stages": (["extract={'pooling': 'stages'}"], "spatial means of every stage"),
@@ -122,7 +125,7 @@ LEVERS: dict[str, tuple[list[str], str]] = {
     ),
     "k_1024": (["dino={'proj_output_dim': 1024}"], "1024 prototypes instead of 256"),
     "blur_strong": (
-        ["views={'intensity': {'smooth': {'prob': [1.0, 1.0, 1.0], 'sigma': [0.5, 1.5]}}}"],
+        [BLUR_STRONG],
         "Gaussian blur on every view, sigma 0.5-1.5 voxels (was p 0.5, 0.25-1)",
     ),
     "aug_off": (
@@ -133,14 +136,14 @@ LEVERS: dict[str, tuple[list[str], str]] = {
     ),
     "blur_strong_seed_1": (
         [
-            "views={'intensity': {'smooth': {'prob': [1.0, 1.0, 1.0], 'sigma': [0.5, 1.5]}}}",
+            BLUR_STRONG,
             "seed=1",
         ],
         "blur_strong, training seed 1 (compare with seed_1)",
     ),
     "blur_strong_seed_2": (
         [
-            "views={'intensity': {'smooth': {'prob': [1.0, 1.0, 1.0], 'sigma': [0.5, 1.5]}}}",
+            BLUR_STRONG,
             "seed=2",
         ],
         "blur_strong, training seed 2 (compare with seed_2)",
