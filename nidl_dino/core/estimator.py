@@ -16,8 +16,9 @@ from torch.optim import Optimizer
 from nidl_dino.core.base import BaseEstimator, TransformerMixin
 from nidl_dino.core.head import DINOProjectionHead
 from nidl_dino.core.koleo import koleo_loss
-from nidl_dino.core.loss import DINOLoss
+from nidl_dino.core.loss import DINOLoss, PatchDistillationLoss
 from nidl_dino.core.schedules import WarmupCosineLR, cosine_schedule
+from nidl_dino.encoders.readout import stage_outputs
 from nidl_dino.errors import UserError
 from nidl_dino.importing import import_object, import_path_of, is_import_path
 
@@ -103,6 +104,15 @@ class DINO(TransformerMixin, BaseEstimator):
         teacher_centering: ``"center"`` (DINO's EMA centring) or ``"sinkhorn_knopp"``
             (DINOv2's teacher targets, see :class:`DINOLoss`). An addition to nidl's parameters.
         sinkhorn_iterations: Sinkhorn-Knopp iterations when ``teacher_centering`` uses them.
+        patch_loss_weight: weight of iBOT's masked-token loss (:class:`PatchDistillationLoss`;
+            Zhou et al. ICLR 2022, DINOv2 uses 1.0); 0 disables it. The tokens are the cells of
+            the backbone's last feature map (small_cnn, the ResNets); a masked token's cell is
+            zeroed in the student's global view, the teacher sees the view whole; each token
+            goes through a projection head of its own (``student_patch_head``, same sizes as
+            the DINO head, untied as in DINOv2). An addition to nidl's parameters.
+        mask_ratio: (min, max) share of a masked view's tokens that are masked, drawn
+            uniformly per view (DINOv2: 0.1-0.5).
+        mask_probability: probability that a global view of a sample is masked (DINOv2: 0.5).
         **kwargs: ``random_state`` (int or None), ``save_hparams`` (bool, default True),
             ``ignore`` (hyperparameter names not to save), ``inference_precision`` (precision of
             ``transform``, default ``"32-true"`` whatever the training precision), and any
@@ -156,6 +166,9 @@ class DINO(TransformerMixin, BaseEstimator):
         koleo_weight: float = 0.0,
         teacher_centering: str = "center",
         sinkhorn_iterations: int = 3,
+        patch_loss_weight: float = 0.0,
+        mask_ratio: Sequence[float] = (0.1, 0.5),
+        mask_probability: float = 0.5,
         **kwargs: Any,
     ):
         random_state = kwargs.pop("random_state", None)
@@ -244,6 +257,36 @@ class DINO(TransformerMixin, BaseEstimator):
         if not float(koleo_weight) >= 0.0:
             raise ValueError(f"DINO: koleo_weight must be >= 0, got {koleo_weight}")
         self.koleo_weight = float(koleo_weight)
+        self.patch_loss_weight, self.mask_ratio, self.mask_probability = _check_patch_options(
+            patch_loss_weight, mask_ratio, mask_probability
+        )
+        # Built only when used, so that runs without it draw the same random numbers as before.
+        self.student_patch_head: DINOProjectionHead | None = None
+        self.teacher_patch_head: DINOProjectionHead | None = None
+        self.patch_loss: PatchDistillationLoss | None = None
+        if self.patch_loss_weight > 0:
+            with self._seeded():
+                self.student_patch_head = DINOProjectionHead(
+                    input_dim=proj_input_dim,
+                    hidden_dim=proj_hidden_dim,
+                    bottleneck_dim=proj_bottleneck_dim,
+                    output_dim=proj_output_dim,
+                    batch_norm=proj_batch_norm,
+                    freeze_last_layer=freeze_last_layer,
+                    norm_last_layer=proj_norm_last_layer,
+                )
+            self.teacher_patch_head = copy.deepcopy(self.student_patch_head)
+            for param in self.teacher_patch_head.parameters():
+                param.requires_grad_(False)
+            self.patch_loss = PatchDistillationLoss(
+                output_dim=proj_output_dim,
+                warmup_teacher_temp=warmup_teacher_temp,
+                teacher_temp=teacher_temperature,
+                warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
+                student_temp=student_temperature,
+                centering=teacher_centering,
+                sinkhorn_iterations=sinkhorn_iterations,
+            )
         self._ema_step = 0  # optimizer steps already folded into the teacher (derived, see hooks)
         self._total_steps: int | None = None
 
@@ -306,15 +349,70 @@ class DINO(TransformerMixin, BaseEstimator):
     def _student_pass(self, views: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Student head outputs (n_views, B, K) and backbone features of the global views
         (n_global, B, F)."""
+        out, global_features, _ = self._student_tokens_pass(views, None)
+        return out, global_features
+
+    def _student_tokens_pass(
+        self,
+        views: Sequence[torch.Tensor],
+        masks: torch.Tensor | None,
+        grid: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """As :meth:`_student_pass`; with ``masks`` (n_global, B, L) on the token ``grid`` the
+        global views are masked (:meth:`mask_views`) and their tokens' patch-head outputs
+        (n_global, B, L, K) come third."""
         n_global = self.num_large_crops
-        groups = [views[:n_global]]
-        if len(views) > n_global:
-            groups.append(views[n_global:])
-        features = torch.cat([self.student(torch.cat(list(g))) for g in groups])
-        out = self.student_head(features)
         batch = views[0].shape[0]
+        global_views = torch.cat(list(views[:n_global]))
+        tokens_out = None
+        if masks is None:
+            features = [self.student(global_views)]
+        else:
+            global_views = self.mask_views(global_views, masks.flatten(0, 1), grid)
+            pooled, tokens, _ = _pooled_and_tokens(self.student, global_views)
+            features = [pooled]
+            tokens_out = self.student_patch_head(tokens.flatten(0, 1))
+            tokens_out = tokens_out.view(n_global, batch, tokens.shape[1], -1)
+        if len(views) > n_global:
+            features.append(self.student(torch.cat(list(views[n_global:]))))
+        features = torch.cat(features)
+        out = self.student_head(features)
         global_features = features[: n_global * batch].view(n_global, batch, -1)
-        return out.view(len(views), -1, out.shape[-1]), global_features
+        return out.view(len(views), -1, out.shape[-1]), global_features, tokens_out
+
+    @torch.no_grad()
+    def _teacher_tokens_pass(
+        self, views: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+        """Teacher outputs (2, B, K), its token outputs (2, B, L, K) and the token grid."""
+        global_views = torch.cat(list(views[: self.num_large_crops]))
+        pooled, tokens, grid = _pooled_and_tokens(self.teacher, global_views)
+        out = self.teacher_head(pooled).view(self.num_large_crops, -1, self.teacher_head.output_dim)
+        tokens_out = self.teacher_patch_head(tokens.flatten(0, 1))
+        tokens_out = tokens_out.view(
+            self.num_large_crops, -1, tokens.shape[1], tokens_out.shape[-1]
+        )
+        return out, tokens_out, grid
+
+    def draw_masks(self, n_views: int, batch: int, n_tokens: int, device: torch.device):
+        """Random token masks (n_views, B, L): each (view, sample) is masked with probability
+        ``mask_probability``, then ``round(r * L)`` of its tokens (at least one), r uniform in
+        ``mask_ratio``, chosen uniformly."""
+        lo, hi = self.mask_ratio
+        masked = torch.rand(n_views, batch, 1, device=device) < self.mask_probability
+        ratio = lo + (hi - lo) * torch.rand(n_views, batch, 1, device=device)
+        count = (ratio * n_tokens).round().clamp_min(1)
+        # the tokens whose rank in a random permutation is below the count
+        rank = torch.rand(n_views, batch, n_tokens, device=device).argsort(-1).argsort(-1)
+        return (rank < count) & masked
+
+    @staticmethod
+    def mask_views(views: torch.Tensor, masks: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        """Zero each masked token's cell of the views (N, C, D, H, W): masks (N, L) on the token
+        ``grid`` (d, h, w) of the last feature map, upsampled to the view by nearest neighbour."""
+        cells = masks.view(masks.shape[0], 1, *grid).to(views.dtype)
+        voxels = torch.nn.functional.interpolate(cells, size=views.shape[2:], mode="nearest")
+        return views * (1 - voxels)
 
     @torch.no_grad()
     def forward_teacher(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -337,9 +435,18 @@ class DINO(TransformerMixin, BaseEstimator):
             {"loss": scalar, "z_student": (n_views, B, K), "z_teacher": (2, B, K), "y": Y}.
         """
         views, y = self.parse_batch(batch)
-        z_student, student_features = self._student_pass(views)
-        z_teacher = self.forward_teacher(views)
         batch_size = views[0].shape[0]
+        patch_loss = None
+        if self.patch_loss is None:
+            z_student, student_features = self._student_pass(views)
+            z_teacher = self.forward_teacher(views)
+        else:
+            z_teacher, t_tokens, grid = self._teacher_tokens_pass(views)
+            masks = self.draw_masks(
+                self.num_large_crops, batch_size, math.prod(grid), views[0].device
+            )
+            z_student, student_features, s_tokens = self._student_tokens_pass(views, masks, grid)
+            patch_loss = self.patch_loss(t_tokens, s_tokens, masks, epoch=self.current_epoch)
         # Before the loss call, which moves the centre: the teacher distribution the loss sees.
         self.log_dict(
             {f"train/{k}": v for k, v in self.collapse_monitors(z_teacher).items()},
@@ -350,6 +457,9 @@ class DINO(TransformerMixin, BaseEstimator):
             koleo = torch.stack([koleo_loss(f) for f in student_features]).mean()
             self.log("train/koleo", koleo.detach(), batch_size=batch_size)
             loss = loss + self.koleo_weight * koleo
+        if patch_loss is not None:
+            self.log("train/patch_loss", patch_loss.detach(), batch_size=batch_size)
+            loss = loss + self.patch_loss_weight * patch_loss
         self.log(
             "train/loss",
             loss,
@@ -471,10 +581,7 @@ class DINO(TransformerMixin, BaseEstimator):
             return
         momentum = self.momentum_at(step - 1)
         with torch.no_grad():
-            for student, teacher in (
-                (self.student, self.teacher),
-                (self.student_head, self.teacher_head),
-            ):
+            for student, teacher in self._ema_pairs():
                 t_params = list(teacher.parameters())
                 s_params = [p.detach() for p in student.parameters()]
                 # teacher <- m * teacher + (1 - m) * student
@@ -498,10 +605,7 @@ class DINO(TransformerMixin, BaseEstimator):
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return
         buffers = [
-            b
-            for module in (self.teacher, self.teacher_head)
-            for b in module.buffers()
-            if b.is_floating_point()
+            b for _, module in self._ema_pairs() for b in module.buffers() if b.is_floating_point()
         ]
         if not buffers:
             return
@@ -538,6 +642,15 @@ class DINO(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------------ optimisation
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         self.student_head.cancel_last_layer_gradients(self.current_epoch)
+        if self.student_patch_head is not None:
+            self.student_patch_head.cancel_last_layer_gradients(self.current_epoch)
+
+    def _ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(student module, teacher module) pairs the EMA moves."""
+        pairs = [(self.student, self.teacher), (self.student_head, self.teacher_head)]
+        if self.student_patch_head is not None:
+            pairs.append((self.student_patch_head, self.teacher_patch_head))
+        return pairs
 
     def configure_gradient_clipping(
         self,
@@ -574,7 +687,7 @@ class DINO(TransformerMixin, BaseEstimator):
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Trainable student parameters, split so biases and norms get no weight decay."""
         decay, no_decay = [], []
-        for module in (self.student, self.student_head):
+        for module, _ in self._ema_pairs():
             for name, param in module.named_parameters():
                 if not param.requires_grad:
                     continue
@@ -694,6 +807,40 @@ def _build_encoder(encoder: Any, encoder_kwargs: dict[str, Any]) -> nn.Module:
     raise TypeError(
         f"DINO: encoder must be an nn.Module class or instance, got {type(encoder).__name__}"
     )
+
+
+def _pooled_and_tokens(
+    encoder: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """The encoder's pooled features (N, F), the mean of its last feature map (as small_cnn and
+    the ResNets pool), that map's cells as tokens (N, L, F) and its grid (d, h, w)."""
+    message = (
+        "dino.patch_loss_weight > 0 needs an encoder whose last stage is a 3D feature map "
+        f"(small_cnn, resnet*), not {type(encoder).__name__}: set dino.patch_loss_weight: 0"
+    )
+    try:
+        fmap = stage_outputs(encoder, x)[-1]
+    except UserError:
+        raise UserError(message) from None
+    if fmap.ndim != 5:
+        raise UserError(message)
+    grid = tuple(int(n) for n in fmap.shape[2:])
+    return fmap.mean(dim=(2, 3, 4)), fmap.flatten(2).transpose(1, 2), grid
+
+
+def _check_patch_options(
+    weight: float, ratio: Sequence[float], probability: float
+) -> tuple[float, tuple[float, float], float]:
+    if not float(weight) >= 0.0:
+        raise ValueError(f"DINO: patch_loss_weight must be >= 0, got {weight}")
+    lo, hi = (float(r) for r in ratio)
+    if not 0.0 < lo <= hi < 1.0:
+        raise ValueError(
+            f"DINO: mask_ratio must be (min, max) with 0 < min <= max < 1, got {ratio}"
+        )
+    if not 0.0 < float(probability) <= 1.0:
+        raise ValueError(f"DINO: mask_probability must be in (0, 1], got {probability}")
+    return float(weight), (lo, hi), float(probability)
 
 
 def _check_arguments(

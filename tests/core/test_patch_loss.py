@@ -1,0 +1,172 @@
+"""iBOT's masked-token loss (PatchDistillationLoss) against the formula written here, and DINO's
+masking and use of it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nidl_dino.core.loss import PatchDistillationLoss
+from nidl_dino.encoders.networks import SmallCNN, build_encoder
+
+
+def _by_hand(teacher, student, masks, center, t_temp, s_temp):
+    """Mean over masked images of the mean over their masked tokens of the cross-entropy."""
+    per_image = []
+    for v in range(teacher.shape[0]):
+        for b in range(teacher.shape[1]):
+            terms = []
+            for token in range(teacher.shape[2]):
+                if not masks[v, b, token]:
+                    continue
+                p = torch.softmax((teacher[v, b, token] - center) / t_temp, dim=-1)
+                q = torch.log_softmax(student[v, b, token] / s_temp, dim=-1)
+                terms.append(-(p * q).sum().item())
+            if terms:
+                per_image.append(sum(terms) / len(terms))
+    return sum(per_image) / len(per_image)
+
+
+def test_patch_loss_matches_the_formula_and_moves_its_centre():
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(2, 3, 8, 5, generator=g), torch.randn(2, 3, 8, 5, generator=g)
+    masks = torch.zeros(2, 3, 8, dtype=torch.bool)
+    masks[0, 0, [1, 4]] = True
+    masks[1, 2, [0, 2, 3, 7]] = True
+    masks[0, 1, 5] = True
+    loss_fn = PatchDistillationLoss(5, warmup_teacher_temp_epochs=0, teacher_temp=0.5)
+    loss_fn.center.fill_(0.3)
+    expected = _by_hand(teacher, student, masks, 0.3, 0.5, 0.1)
+    assert float(loss_fn(teacher, student, masks)) == pytest.approx(expected, rel=1e-5)
+    # the centre: EMA (0.9) of the mean teacher token over views, images and tokens
+    new_center = 0.9 * 0.3 + 0.1 * teacher.reshape(-1, 5).mean(0)
+    torch.testing.assert_close(loss_fn.center.view(5), new_center)
+
+
+def test_patch_loss_is_zero_but_attached_when_nothing_is_masked():
+    student = torch.randn(2, 2, 4, 3, requires_grad=True)
+    loss = PatchDistillationLoss(3)(torch.randn(2, 2, 4, 3), student, torch.zeros(2, 2, 4).bool())
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    assert student.grad is not None
+
+
+def test_patch_loss_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="tokens"):
+        PatchDistillationLoss(3)(
+            torch.randn(2, 2, 4, 3), torch.randn(2, 2, 5, 3), torch.ones(2, 2, 4)
+        )
+
+
+def _dino(**options):
+    from dino_fixtures import tiny_dino
+
+    torch.manual_seed(0)
+    enc = SmallCNN(channels=(4, 8))
+    return tiny_dino(enc, 1, **{"max_epochs": 1, **options})
+
+
+def test_masks_follow_the_probability_and_ratio():
+    model = _dino(patch_loss_weight=1.0, mask_ratio=(0.2, 0.4), mask_probability=0.5)
+    torch.manual_seed(0)
+    masks = model.draw_masks(2, 2000, 27, torch.device("cpu"))
+    counts = masks.sum(-1).flatten()
+    masked = counts > 0
+    assert abs(masked.float().mean().item() - 0.5) < 0.04
+    # round(r * 27) for r uniform in [0.2, 0.4]: 5 to 11 tokens, mean about 0.3 * 27
+    assert counts[masked].min() >= 5 and counts[masked].max() <= 11
+    assert abs(counts[masked].float().mean().item() - 8.1) < 0.3
+
+
+def test_mask_views_zeroes_exactly_the_masked_cells():
+    views = torch.ones(1, 1, 8, 8, 8)
+    masks = torch.zeros(1, 8, dtype=torch.bool)
+    masks[0, 5] = True  # cell (1, 0, 1) of a 2 x 2 x 2 grid: voxels [4:8, 0:4, 4:8]
+    out = _dino(patch_loss_weight=1.0).mask_views(views, masks, (2, 2, 2))
+    expected = torch.ones(1, 1, 8, 8, 8)
+    expected[:, :, 4:8, 0:4, 4:8] = 0
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet10"])
+def test_tokens_pool_to_the_encoders_own_features(name):
+    from nidl_dino.core.estimator import _pooled_and_tokens
+
+    kwargs = {"channels": [4, 8]} if name == "small_cnn" else {}
+    enc = build_encoder({"name": name, "kwargs": kwargs}, image_size=[[16, 16, 16]]).eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    pooled, tokens, grid = _pooled_and_tokens(enc, x)
+    torch.testing.assert_close(pooled, enc(x))
+    assert tokens.shape == (2, math.prod(grid), enc.output_dim)
+
+
+def test_dino_adds_the_weighted_patch_term_and_its_teacher_follows_the_ema():
+    from dino_fixtures import views_loader
+
+    batch = next(iter(views_loader(batch_size=4, n=4, n_local=1, global_size=16, local_size=8)))
+    model = _dino(patch_loss_weight=0.5, mask_probability=1.0)
+    model.log = lambda *a, **k: None  # no trainer attached
+    model.log_dict = lambda *a, **k: None
+    torch.manual_seed(1)
+    out = model.training_step(batch, 0)
+    # the same step by hand, with the same masks
+    fresh = _dino(patch_loss_weight=0.5, mask_probability=1.0)
+    z_t, t_tokens, grid = fresh._teacher_tokens_pass(batch)
+    torch.manual_seed(1)
+    masks = fresh.draw_masks(2, 4, math.prod(grid), torch.device("cpu"))
+    assert masks.any(-1).all()  # probability 1: every view masked
+    z_s, _, s_tokens = fresh._student_tokens_pass(batch, masks, grid)
+    expected = fresh.loss(z_t, z_s, epoch=0) + 0.5 * fresh.patch_loss(
+        t_tokens, s_tokens, masks, epoch=0
+    )
+    assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    # the patch heads take part in the optimiser's groups and in the EMA
+    params = {id(p) for g in model.parameter_groups() for p in g["params"]}
+    trainable = [p for p in model.student_patch_head.parameters() if p.requires_grad]
+    assert trainable and all(id(p) in params for p in trainable)
+    assert any(s is model.student_patch_head for s, _ in model._ema_pairs())
+
+
+def test_dino_without_patch_loss_builds_no_patch_head():
+    model = _dino()
+    assert model.student_patch_head is None and model.patch_loss is None
+    assert not any("patch" in k for k in model.state_dict())
+
+
+def test_dino_fits_with_the_patch_loss(tmp_path):
+    from dino_fixtures import views_loader
+
+    model = _dino(patch_loss_weight=1.0, max_epochs=2, num_sanity_val_steps=0)
+    before = [p.clone() for p in model.teacher_patch_head.parameters()]
+    model.fit(views_loader(batch_size=4, n=8, n_local=1, global_size=16, local_size=8))
+    after = list(model.teacher_patch_head.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert model.teacher(torch.randn(2, 1, 16, 16, 16)).shape == (2, 8)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"patch_loss_weight": -1.0}, "patch_loss_weight"),
+        ({"mask_ratio": (0.5, 0.2)}, "mask_ratio"),
+        ({"mask_probability": 0.0}, "mask_probability"),
+    ],
+)
+def test_patch_options_are_checked(options, match):
+    with pytest.raises(ValueError, match=match):
+        _dino(**options)
+
+
+def test_an_encoder_without_a_feature_map_gets_a_one_line_error():
+    from nidl_dino.errors import UserError
+
+    from dino_fixtures import TinyConv3d, tiny_dino, views_loader
+
+    model = tiny_dino(TinyConv3d(dim=8), 1, patch_loss_weight=1.0)
+    model.log = lambda *a, **k: None
+    model.log_dict = lambda *a, **k: None
+    batch = next(iter(views_loader(batch_size=2, n=2, n_local=1)))
+    with pytest.raises(UserError, match="patch_loss_weight"):
+        model.training_step(batch, 0)
