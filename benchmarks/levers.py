@@ -115,10 +115,6 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["dino={'patch_loss_weight': 1.0}"],
         "iBOT's masked-token loss, weight 1 (DINOv2's), half the global views masked 10-50 %",
     ),
-    "ibot_05": (
-        ["dino={'patch_loss_weight': 0.5}"],
-        "iBOT's masked-token loss, weight 0.5",
-    ),
     "lr_0005": (
         ["dino={'learning_rate': 0.0005}"],
         "learning rate 5e-4 instead of 2e-3 (a quarter)",
