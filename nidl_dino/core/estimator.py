@@ -222,17 +222,18 @@ class DINO(TransformerMixin, BaseEstimator):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
 
+        head_options = {
+            "input_dim": proj_input_dim,
+            "hidden_dim": proj_hidden_dim,
+            "bottleneck_dim": proj_bottleneck_dim,
+            "output_dim": proj_output_dim,
+            "batch_norm": proj_batch_norm,
+            "freeze_last_layer": freeze_last_layer,
+            "norm_last_layer": proj_norm_last_layer,
+        }
         with self._seeded():
             self.student = _build_encoder(encoder, self.encoder_kwargs)
-            self.student_head = DINOProjectionHead(
-                input_dim=proj_input_dim,
-                hidden_dim=proj_hidden_dim,
-                bottleneck_dim=proj_bottleneck_dim,
-                output_dim=proj_output_dim,
-                batch_norm=proj_batch_norm,
-                freeze_last_layer=freeze_last_layer,
-                norm_last_layer=proj_norm_last_layer,
-            )
+            self.student_head = DINOProjectionHead(**head_options)
         encoder_dim = getattr(self.student, "output_dim", None)
         if isinstance(encoder_dim, int) and encoder_dim != proj_input_dim:
             raise ValueError(
@@ -245,15 +246,16 @@ class DINO(TransformerMixin, BaseEstimator):
         for param in [*self.teacher.parameters(), *self.teacher_head.parameters()]:
             param.requires_grad_(False)
 
-        self.loss = DINOLoss(
-            output_dim=proj_output_dim,
-            warmup_teacher_temp=warmup_teacher_temp,
-            teacher_temp=teacher_temperature,
-            warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
-            student_temp=student_temperature,
-            centering=teacher_centering,
-            sinkhorn_iterations=sinkhorn_iterations,
-        )
+        loss_options = {
+            "output_dim": proj_output_dim,
+            "warmup_teacher_temp": warmup_teacher_temp,
+            "teacher_temp": teacher_temperature,
+            "warmup_teacher_temp_epochs": warmup_teacher_temp_epochs,
+            "student_temp": student_temperature,
+            "centering": teacher_centering,
+            "sinkhorn_iterations": sinkhorn_iterations,
+        }
+        self.loss = DINOLoss(**loss_options)
         if not float(koleo_weight) >= 0.0:
             raise ValueError(f"DINO: koleo_weight must be >= 0, got {koleo_weight}")
         self.koleo_weight = float(koleo_weight)
@@ -266,27 +268,11 @@ class DINO(TransformerMixin, BaseEstimator):
         self.patch_loss: PatchDistillationLoss | None = None
         if self.patch_loss_weight > 0:
             with self._seeded():
-                self.student_patch_head = DINOProjectionHead(
-                    input_dim=proj_input_dim,
-                    hidden_dim=proj_hidden_dim,
-                    bottleneck_dim=proj_bottleneck_dim,
-                    output_dim=proj_output_dim,
-                    batch_norm=proj_batch_norm,
-                    freeze_last_layer=freeze_last_layer,
-                    norm_last_layer=proj_norm_last_layer,
-                )
+                self.student_patch_head = DINOProjectionHead(**head_options)
             self.teacher_patch_head = copy.deepcopy(self.student_patch_head)
             for param in self.teacher_patch_head.parameters():
                 param.requires_grad_(False)
-            self.patch_loss = PatchDistillationLoss(
-                output_dim=proj_output_dim,
-                warmup_teacher_temp=warmup_teacher_temp,
-                teacher_temp=teacher_temperature,
-                warmup_teacher_temp_epochs=warmup_teacher_temp_epochs,
-                student_temp=student_temperature,
-                centering=teacher_centering,
-                sinkhorn_iterations=sinkhorn_iterations,
-            )
+            self.patch_loss = PatchDistillationLoss(**loss_options)
         self._ema_step = 0  # optimizer steps already folded into the teacher (derived, see hooks)
         self._total_steps: int | None = None
 
