@@ -115,6 +115,12 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["dino={'patch_loss_weight': 1.0}"],
         "iBOT's masked-token loss, weight 1 (DINOv2's), half the global views masked 10-50 %",
     ),
+    "gamma_mild": (
+        ["views={'intensity': {'gamma': {'prob': [0.5, 0.5, 0.5], 'range': [0.8, 1.25]}}}"],
+        "a mild random contrast (gamma 0.8-1.25) on half the views, against the sites' contrast",
+    ),
+    "k_64": (["dino={'proj_output_dim': 64}"], "64 prototypes instead of 256"),
+    "weight_decay_04": (["dino={'weight_decay': 0.4}"], "weight decay 0.4 instead of 0.04"),
     "lr_0005": (
         ["dino={'learning_rate': 0.0005}"],
         "learning rate 5e-4 instead of 2e-3 (a quarter)",
