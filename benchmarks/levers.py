@@ -121,6 +121,14 @@ LEVERS: dict[str, tuple[list[str], str]] = {
     ),
     "k_64": (["dino={'proj_output_dim': 64}"], "64 prototypes instead of 256"),
     "weight_decay_04": (["dino={'weight_decay': 0.4}"], "weight decay 0.4 instead of 0.04"),
+    "weight_decay_04_seed_1": (
+        ["dino={'weight_decay': 0.4}", "seed=1"],
+        "weight decay 0.4, training seed 1 (compare with seed_1)",
+    ),
+    "weight_decay_04_seed_2": (
+        ["dino={'weight_decay': 0.4}", "seed=2"],
+        "weight decay 0.4, training seed 2 (compare with seed_2)",
+    ),
     "lr_0005": (
         ["dino={'learning_rate': 0.0005}"],
         "learning rate 5e-4 instead of 2e-3 (a quarter)",
