@@ -115,6 +115,14 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["dino={'patch_loss_weight': 1.0}"],
         "iBOT's masked-token loss, weight 1 (DINOv2's), half the global views masked 10-50 %",
     ),
+    "global_crops": (
+        ["views={'global_scale': [0.6, 1.0]}"],
+        "global views cropped at random (60-100 % of the volume) instead of the whole volume",
+    ),
+    "ibot_global_crops": (
+        ["dino={'patch_loss_weight': 1.0}", "views={'global_scale': [0.6, 1.0]}"],
+        "iBOT's loss with global views cropped at random: token targets no longer fixed by position",
+    ),
     "gamma_mild": (
         ["views={'intensity': {'gamma': {'prob': [0.5, 0.5, 0.5], 'range': [0.8, 1.25]}}}"],
         "a mild random contrast (gamma 0.8-1.25) on half the views, against the sites' contrast",
