@@ -121,7 +121,7 @@ LEVERS: dict[str, tuple[list[str], str]] = {
     ),
     "ibot_global_crops": (
         ["dino={'patch_loss_weight': 1.0}", "views={'global_scale': [0.6, 1.0]}"],
-        "iBOT's loss with global views cropped at random: token targets no longer fixed by position",
+        "iBOT's loss with global views cropped at random (60-100 % of the volume)",
     ),
     "gamma_mild": (
         ["views={'intensity': {'gamma': {'prob': [0.5, 0.5, 0.5], 'range': [0.8, 1.25]}}}"],
