@@ -115,6 +115,10 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["dino={'patch_loss_weight': 1.0}"],
         "iBOT's masked-token loss, weight 1 (DINOv2's), half the global views masked 10-50 %",
     ),
+    "ibot_per_token": (
+        ["dino={'patch_loss_weight': 1.0, 'patch_centering': 'per_token'}"],
+        "iBOT's masked-token loss with one teacher centre per token position",
+    ),
     "global_crops": (
         ["views={'global_scale': [0.6, 1.0]}"],
         "global views cropped at random (60-100 % of the volume) instead of the whole volume",

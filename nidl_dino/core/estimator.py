@@ -34,6 +34,8 @@ _DEFAULT_LR_SCHEDULER_KWARGS = {
     "interval": "step",
 }
 _NUM_GLOBAL_VIEWS = 2
+#: Centrings of the patch loss's teacher tokens (``DINO(patch_centering=...)``).
+PATCH_CENTERINGS = ("global", "per_token")
 _FULL_PRECISION = (torch.float32, torch.float64)
 
 
@@ -113,6 +115,9 @@ class DINO(TransformerMixin, BaseEstimator):
         mask_ratio: (min, max) share of a masked view's tokens that are masked, drawn
             uniformly per view (DINOv2: 0.1-0.5).
         mask_probability: probability that a global view of a sample is masked (DINOv2: 0.5).
+        patch_centering: ``"global"`` (iBOT's: one centre for every token) or ``"per_token"``
+            (one centre per token position, see :class:`PatchDistillationLoss`; an addition of
+            this project, for registered images, where a token's position tells its anatomy).
         **kwargs: ``random_state`` (int or None), ``save_hparams`` (bool, default True),
             ``ignore`` (hyperparameter names not to save), ``inference_precision`` (precision of
             ``transform``, default ``"32-true"`` whatever the training precision), and any
@@ -169,6 +174,7 @@ class DINO(TransformerMixin, BaseEstimator):
         patch_loss_weight: float = 0.0,
         mask_ratio: Sequence[float] = (0.1, 0.5),
         mask_probability: float = 0.5,
+        patch_centering: str = "global",
         **kwargs: Any,
     ):
         random_state = kwargs.pop("random_state", None)
@@ -262,6 +268,11 @@ class DINO(TransformerMixin, BaseEstimator):
         self.patch_loss_weight, self.mask_ratio, self.mask_probability = _check_patch_options(
             patch_loss_weight, mask_ratio, mask_probability
         )
+        if patch_centering not in PATCH_CENTERINGS:
+            raise ValueError(
+                f"DINO: patch_centering must be one of {PATCH_CENTERINGS}, got {patch_centering!r}"
+            )
+        self.patch_centering = patch_centering
         # Built only when used, so that runs without it draw the same random numbers as before.
         self.student_patch_head: DINOProjectionHead | None = None
         self.teacher_patch_head: DINOProjectionHead | None = None
@@ -272,7 +283,9 @@ class DINO(TransformerMixin, BaseEstimator):
             self.teacher_patch_head = copy.deepcopy(self.student_patch_head)
             for param in self.teacher_patch_head.parameters():
                 param.requires_grad_(False)
-            self.patch_loss = PatchDistillationLoss(**loss_options)
+            self.patch_loss = PatchDistillationLoss(
+                **loss_options, per_token_center=self.patch_centering == "per_token"
+            )
         self._ema_step = 0  # optimizer steps already folded into the teacher (derived, see hooks)
         self._total_steps: int | None = None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -258,8 +260,20 @@ class PatchDistillationLoss(DINOLoss):
     nidl's interface; the temperatures, their warm-up and the centring (or Sinkhorn-Knopp) are
     those of :class:`DINOLoss`, with a centre of its own, the EMA of the mean teacher token.
 
+    On registered brains every scan has the same anatomy at a token's position, and a teacher
+    that gives each position its own prototype (the same in every scan) makes the task trivial:
+    the position in the view tells the target, the loss falls to 0 and teaches nothing (measured
+    on the demo cohorts, benchmarks/README.md, session 16). With ``per_token_center`` each token
+    position has a centre of its own, the EMA of the teacher's output at that position over the
+    batch: what is common to every scan there is subtracted, and the sharpened target is what
+    sets this scan apart from the others at that place. An addition of this project (the
+    centre of DINO, Caron et al. 2021, kept per position), not in iBOT or DINOv2.
+
     Args:
-        Those of :class:`DINOLoss`.
+        Those of :class:`DINOLoss`, and
+        per_token_center: one centre per token position (keyword only; needs
+            ``centering="center"``). The centre then has shape (1, 1, L, K), set at the first
+            update from the token count L, and L must not change afterwards.
 
     Example:
         >>> loss_fn = PatchDistillationLoss(output_dim=16, warmup_teacher_temp_epochs=0)
@@ -267,6 +281,15 @@ class PatchDistillationLoss(DINOLoss):
         >>> masks = torch.rand(2, 4, 27) < 0.3
         >>> loss = loss_fn(t, s, masks)  # scalar; the centre moves once
     """
+
+    def __init__(self, *args: Any, per_token_center: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if per_token_center and self.centering != "center":
+            raise ValueError(
+                "PatchDistillationLoss: per_token_center needs centering='center', "
+                f"got {self.centering!r}"
+            )
+        self.per_token_center = bool(per_token_center)
 
     def forward(  # type: ignore[override]
         self,
@@ -322,6 +345,24 @@ class PatchDistillationLoss(DINOLoss):
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
-        """EMA update of the centre with the mean teacher token over every view, image and token."""
-        flat = teacher_out.reshape(1, -1, teacher_out.shape[-1])
-        super().update_center(flat)
+        """EMA update of the centre with the mean teacher token over every view, image and token
+        (``per_token_center``: over every view and image, one centre per token position)."""
+        if not self.per_token_center:
+            super().update_center(teacher_out.reshape(1, -1, teacher_out.shape[-1]))
+            return
+        shape = (1, 1, *teacher_out.shape[2:])
+        if tuple(self.center.shape) != shape:
+            if self.center.ndim == 4:
+                raise ValueError(
+                    f"PatchDistillationLoss: {teacher_out.shape[2]} tokens, but the per-token "
+                    f"centre was set for {self.center.shape[2]}: keep the view size and encoder"
+                )
+            self.center = self.center.new_zeros(shape)  # the first update: zeros, then the EMA
+        super().update_center(teacher_out)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
+        # a per-token centre is sized at the first update: take the saved one's shape
+        saved = state_dict.get(prefix + "center")
+        if saved is not None and tuple(saved.shape) != tuple(self.center.shape):
+            self.center = self.center.new_zeros(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

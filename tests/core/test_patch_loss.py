@@ -13,7 +13,8 @@ from nidl_dino.encoders.networks import SmallCNN, build_encoder
 
 
 def _by_hand(teacher, student, masks, center, t_temp, s_temp):
-    """Mean over masked images of the mean over their masked tokens of the cross-entropy."""
+    """Mean over masked images of the mean over their masked tokens of the cross-entropy;
+    ``center`` a scalar, or (L, K): one centre per token position."""
     per_image = []
     for v in range(teacher.shape[0]):
         for b in range(teacher.shape[1]):
@@ -21,7 +22,8 @@ def _by_hand(teacher, student, masks, center, t_temp, s_temp):
             for token in range(teacher.shape[2]):
                 if not masks[v, b, token]:
                     continue
-                p = torch.softmax((teacher[v, b, token] - center) / t_temp, dim=-1)
+                c = center[token] if torch.is_tensor(center) and center.ndim == 2 else center
+                p = torch.softmax((teacher[v, b, token] - c) / t_temp, dim=-1)
                 q = torch.log_softmax(student[v, b, token] / s_temp, dim=-1)
                 terms.append(-(p * q).sum().item())
             if terms:
@@ -146,9 +148,77 @@ def test_dino_fits_with_the_patch_loss(tmp_path):
     assert model.teacher(torch.randn(2, 1, 16, 16, 16)).shape == (2, 8)
 
 
+def test_per_token_centre_matches_the_formula_and_keeps_one_centre_per_position():
+    g = torch.Generator().manual_seed(2)
+    loss_fn = PatchDistillationLoss(
+        5, warmup_teacher_temp_epochs=0, teacher_temp=0.5, per_token_center=True
+    )
+    masks = torch.rand(2, 3, 8, generator=g) < 0.5
+    masks[0, 0, 0] = True
+    expected_center = torch.zeros(8, 5)
+    for _ in range(3):
+        teacher = torch.randn(2, 3, 8, 5, generator=g)
+        student = torch.randn(2, 3, 8, 5, generator=g)
+        expected = _by_hand(teacher, student, masks, expected_center.clone(), 0.5, 0.1)
+        assert float(loss_fn(teacher, student, masks)) == pytest.approx(expected, rel=1e-5)
+        # EMA (0.9) of the mean teacher output at each position, over views and images
+        expected_center = 0.9 * expected_center + 0.1 * teacher.mean(dim=(0, 1))
+        assert loss_fn.center.shape == (1, 1, 8, 5)
+        torch.testing.assert_close(loss_fn.center.view(8, 5), expected_center)
+
+
+def test_per_token_centre_turns_position_prototypes_into_scan_targets():
+    # every scan has the same output at a position (its prototype) plus a small part of its own:
+    # one global centre keeps the position's prototype as every scan's target, the per-position
+    # centre removes it and leaves the scan's own part
+    g = torch.Generator().manual_seed(3)
+    n_scans, n_tokens, k = 64, 4, 16
+    position = 8.0 * torch.eye(n_tokens, k)  # position l: prototype l
+    own = 0.5 * torch.randn(1, n_scans, n_tokens, k, generator=g)
+    teacher = position + own
+    options = {"output_dim": k, "warmup_teacher_temp_epochs": 0, "teacher_temp": 0.05}
+    per_token = PatchDistillationLoss(**options, per_token_center=True, center_momentum=0.0)
+    per_token.update_center(teacher)  # momentum 0: the centre is this batch's mean
+    global_centre = PatchDistillationLoss(**options, center_momentum=0.0)
+    global_centre.update_center(teacher)
+    scan_part = (own - own.mean(dim=(0, 1))).argmax(-1)
+    assert torch.equal(per_token.teacher_probs(teacher).argmax(-1), scan_part)
+    top = global_centre.teacher_probs(teacher).argmax(-1)  # (1, scans, tokens)
+    assert torch.equal(top, torch.arange(n_tokens).expand_as(top))  # the position's, every scan
+
+
+def test_per_token_centre_checks_its_token_count_and_loads_from_a_state_dict():
+    loss_fn = PatchDistillationLoss(4, per_token_center=True)
+    loss_fn.update_center(torch.randn(2, 3, 6, 4))
+    with pytest.raises(ValueError, match="6"):
+        loss_fn.update_center(torch.randn(2, 3, 5, 4))
+    fresh = PatchDistillationLoss(4, per_token_center=True)
+    fresh.load_state_dict(loss_fn.state_dict())
+    torch.testing.assert_close(fresh.center, loss_fn.center)
+    with pytest.raises(ValueError, match="per_token_center"):
+        PatchDistillationLoss(4, per_token_center=True, centering="sinkhorn_knopp")
+
+
+def test_dino_fits_with_per_token_centring_and_reloads(tmp_path):
+    from dino_fixtures import views_loader
+
+    model = _dino(patch_loss_weight=1.0, patch_centering="per_token", max_epochs=1)
+    model.fit(views_loader(batch_size=4, n=8, n_local=1, global_size=16, local_size=8))
+    from nidl_dino.core.estimator import _pooled_and_tokens
+
+    _, tokens, _ = _pooled_and_tokens(model.teacher, torch.randn(1, 1, 16, 16, 16))
+    center = model.patch_loss.center  # one centre per token of a 16^3 global view
+    assert center.shape == (1, 1, tokens.shape[1], model.loss.output_dim)
+    assert center.abs().sum() > 0
+    fresh = _dino(patch_loss_weight=1.0, patch_centering="per_token")
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.patch_loss.center, center)
+
+
 @pytest.mark.parametrize(
     "options, match",
     [
+        ({"patch_centering": "local"}, "patch_centering"),
         ({"patch_loss_weight": -1.0}, "patch_loss_weight"),
         ({"mask_ratio": (0.5, 0.2)}, "mask_ratio"),
         ({"mask_probability": 0.0}, "mask_probability"),
