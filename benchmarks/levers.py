@@ -131,6 +131,15 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["views={'intensity': {'gamma': {'prob': [0.5, 0.5, 0.5], 'range': [0.8, 1.25]}}}"],
         "a mild random contrast (gamma 0.8-1.25) on half the views, against the sites' contrast",
     ),
+    "bias_local": (
+        ["views={'intensity': {'bias_field': {'prob': [0.0, 0.0, 0.5]}}}"],
+        "a random bias field (coefficient 0.2) on half the local crops only: the teacher's"
+        " global views stay clean",
+    ),
+    "gamma_local": (
+        ["views={'intensity': {'gamma': {'prob': [0.0, 0.0, 0.5], 'range': [0.8, 1.25]}}}"],
+        "a mild random contrast (gamma 0.8-1.25) on half the local crops only",
+    ),
     "k_64": (["dino={'proj_output_dim': 64}"], "64 prototypes instead of 256"),
     "weight_decay_04": (["dino={'weight_decay': 0.4}"], "weight decay 0.4 instead of 0.04"),
     "weight_decay_04_seed_1": (
