@@ -140,6 +140,14 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["views={'intensity': {'gamma': {'prob': [0.0, 0.0, 0.5], 'range': [0.8, 1.25]}}}"],
         "a mild random contrast (gamma 0.8-1.25) on half the local crops only",
     ),
+    "bias_local_seed_1": (
+        ["views={'intensity': {'bias_field': {'prob': [0.0, 0.0, 0.5]}}}", "seed=1"],
+        "bias_local, training seed 1 (compare with seed_1)",
+    ),
+    "bias_local_seed_2": (
+        ["views={'intensity': {'bias_field': {'prob': [0.0, 0.0, 0.5]}}}", "seed=2"],
+        "bias_local, training seed 2 (compare with seed_2)",
+    ),
     "k_64": (["dino={'proj_output_dim': 64}"], "64 prototypes instead of 256"),
     "weight_decay_04": (["dino={'weight_decay': 0.4}"], "weight decay 0.4 instead of 0.04"),
     "weight_decay_04_seed_1": (
