@@ -29,6 +29,8 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 
 #: Gaussian blur on every view, sigma 0.5-1.5 voxels (the blur_strong levers).
+#: a bias field on half the local crops only (the teacher's global views stay clean)
+BIAS_LOCAL = "views={'intensity': {'bias_field': {'prob': [0.0, 0.0, 0.5]}}}"
 BLUR_STRONG = "views={'intensity': {'smooth': {'prob': [1.0, 1.0, 1.0], 'sigma': [0.5, 1.5]}}}"
 
 #: lever name -> snakemake --config overrides (config.yaml keys), and what it changes.
@@ -132,7 +134,7 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         "a mild random contrast (gamma 0.8-1.25) on half the views, against the sites' contrast",
     ),
     "bias_local": (
-        ["views={'intensity': {'bias_field': {'prob': [0.0, 0.0, 0.5]}}}"],
+        [BIAS_LOCAL],
         "a random bias field (coefficient 0.2) on half the local crops only: the teacher's"
         " global views stay clean",
     ),
@@ -141,11 +143,11 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         "a mild random contrast (gamma 0.8-1.25) on half the local crops only",
     ),
     "bias_local_seed_1": (
-        ["views={'intensity': {'bias_field': {'prob': [0.0, 0.0, 0.5]}}}", "seed=1"],
+        [BIAS_LOCAL, "seed=1"],
         "bias_local, training seed 1 (compare with seed_1)",
     ),
     "bias_local_seed_2": (
-        ["views={'intensity': {'bias_field': {'prob': [0.0, 0.0, 0.5]}}}", "seed=2"],
+        [BIAS_LOCAL, "seed=2"],
         "bias_local, training seed 2 (compare with seed_2)",
     ),
     "k_64": (["dino={'proj_output_dim': 64}"], "64 prototypes instead of 256"),
