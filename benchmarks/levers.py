@@ -121,6 +121,10 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["dino={'patch_loss_weight': 1.0, 'patch_centering': 'per_token'}"],
         "iBOT's masked-token loss with one teacher centre per token position",
     ),
+    "ibot_per_token_02": (
+        ["dino={'patch_loss_weight': 0.2, 'patch_centering': 'per_token'}"],
+        "ibot_per_token at weight 0.2: less pull on the image-level teacher",
+    ),
     "global_crops": (
         ["views={'global_scale': [0.6, 1.0]}"],
         "global views cropped at random (60-100 % of the volume) instead of the whole volume",
