@@ -152,6 +152,9 @@ def check_config(config: Mapping[str, Any], schema_path: str | os.PathLike) -> N
         raise UserError(f"config: {error.message} under '{_key(path)}': add it to config.yaml")
     value = error.instance
     shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    rule = error.schema.get("description") if error.schema is not schema else None
+    if isinstance(rule, str):  # a rule across keys says why itself
+        raise UserError(f"config key '{_key(path)}' = {shown}: {' '.join(rule.split())}")
     message = " ".join(error.message.split())
     if len(message) > 160:
         message = message[:157] + "..."

@@ -240,3 +240,21 @@ def test_an_encoder_without_a_feature_map_gets_a_one_line_error():
     batch = next(iter(views_loader(batch_size=2, n=2, n_local=1)))
     with pytest.raises(UserError, match="patch_loss_weight"):
         model.training_step(batch, 0)
+
+
+def test_config_refuses_per_token_centring_with_sinkhorn_in_one_line():
+    from pathlib import Path
+
+    from nidl_dino.errors import UserError
+    from nidl_dino.workflow.setup import check_config
+
+    schema = Path(__file__).parents[2] / "nidl_dino" / "config.schema.yaml"
+    ok = {"patch_centering": "per_token", "teacher_centering": "center"}
+    check_config({"output_dir": "x", "dino": ok}, schema)
+    check_config({"output_dir": "x", "dino": {"teacher_centering": "sinkhorn_knopp"}}, schema)
+    bad = {"patch_centering": "per_token", "teacher_centering": "sinkhorn_knopp"}
+    with pytest.raises(UserError) as err:
+        check_config({"output_dir": "x", "dino": bad}, schema)
+    message = str(err.value)
+    assert "dino.teacher_centering" in message and "dino.patch_centering" in message
+    assert "\n" not in message
