@@ -9,9 +9,9 @@ For each cohort variant: generates a synthetic cohort (:mod:`nidl_dino.demo` wit
 runs the workflow on it with config.yaml as shipped, overlaid by every ``--configfile`` (in
 order) and ``--set key=value`` (as snakemake's ``--config``), and prints its probe table: age MAE
 and sex ROC-AUC, mean +/- spread (standard deviation) over the folds, of DINO and of every
-baseline of ``probes/comparison.tsv`` (chance, intensity PCA, random weights, brain volume
-(eTIV), brain intensity histogram, tissue-class volumes), DINO's paired gain over each, and a
-ceiling (the same probes on the generator's own latents). A summary over the variants, the
+baseline of ``probes/comparison.tsv`` (chance, the site alone (``covariates``), intensity PCA,
+random weights, brain volume (eTIV), brain intensity histogram, tissue-class volumes), DINO's
+paired gain over each, and a ceiling (the same probes on the generator's own latents). A summary over the variants, the
 machine (:func:`nidl_dino.machine.describe_machine`) and the time of each stage close the output;
 ``OUT/summary.tsv`` keeps the numbers (of every cohort run with that ``--out``, the latest run of
 each). Re-running with the same ``--out`` reuses finished cohorts
@@ -267,6 +267,7 @@ def ceiling_scores(bids: Path, results: Path, probes: dict) -> pd.DataFrame:
     """Probe scores of the ground-truth latents that generated the images (an upper bound)."""
     import numpy as np
 
+    from nidl_dino.evaluation.probes import COVARIATES
     from nidl_dino.evaluation.probing import probe_targets
 
     cohort = pd.read_parquet(results / "features/cohort.parquet")
@@ -302,7 +303,8 @@ def ceiling_scores(bids: Path, results: Path, probes: dict) -> pd.DataFrame:
     scores, _, note = probe_targets(sets, table, probes, include_chance=False)
     if note:
         print(f"ceiling: {note}")
-    return scores
+    # probed with the same covariates as the image features; their own row is the workflow's
+    return scores[scores["feature_set"] != COVARIATES].reset_index(drop=True)
 
 
 def bar_attainable(scores: pd.DataFrame, ceiling: pd.DataFrame) -> dict:

@@ -163,7 +163,8 @@ def probe_targets(
     Args:
         feature_sets: name -> features aligned with ``table`` (as :func:`run_probes` takes them).
         table: the rows to probe (ok scans), with the target, site and group columns.
-        config: the ``probes:`` section (targets, folds, seed, stratification, grouping).
+        config: the ``probes:`` section (targets, folds, seed, stratification, grouping,
+            covariates: a covariate missing from the table is left out with a warning).
         include_chance: add the chance model's row.
 
     Returns:
@@ -181,6 +182,11 @@ def probe_targets(
     if stratify_by not in table.columns:
         stratify_by = None
     group_by = config["group_by"]
+    covariates = [c for c in config["covariates"] if c in table.columns]
+    for name in sorted(set(config["covariates"]) - set(covariates)):
+        log.warning(
+            "probe covariate %r is not a column of the cohort table: not adjusted for", name
+        )
     notes = [note] if note else []
     all_scores, all_predictions = [], []
     for target in targets:  # one target at a time: a target the folds cannot take skips alone
@@ -198,6 +204,7 @@ def probe_targets(
                 include_chance=include_chance,
                 inner_splits=int(config["inner_splits"]),
                 return_predictions=True,
+                covariates=covariates,
             )
         except UserError as err:
             log.warning("probe of %r skipped: %s", target, err)

@@ -88,6 +88,7 @@ CONFIG_KEYS: tuple[tuple[str, str], ...] = (
     ("teacher temperature", "dino.teacher_temperature"),
     ("prototypes", "dino.proj_output_dim"),
     ("feature readout", "extract.pooling"),
+    ("probes adjusted for", "probes.covariates"),
     ("seed", "seed"),
     ("BIDS dataset", "bids_dir"),
 )

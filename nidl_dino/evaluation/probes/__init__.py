@@ -36,6 +36,7 @@ from nidl_dino.evaluation.probes.formatting import (
 )
 from nidl_dino.evaluation.probes.tasks import (
     CHANCE,
+    COVARIATES,
     METRIC_LABELS,
     METRICS,
     PREDICTION_COLUMNS,
@@ -43,12 +44,14 @@ from nidl_dino.evaluation.probes.tasks import (
     FeatureSet,
     FeatureSetLike,
     Task,
+    covariate_matrix,
     infer_task,
 )
 
 __all__ = [
     "CHANCE",
     "COMPARISON_COLUMNS",
+    "COVARIATES",
     "DEFAULT_ALPHAS",
     "DEFAULT_CS",
     "FeatureSet",
@@ -61,6 +64,7 @@ __all__ = [
     "SCORE_COLUMNS",
     "Task",
     "compare_to_baselines",
+    "covariate_matrix",
     "format_comparison_table",
     "format_gain",
     "format_probe_table",

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, clone
+from sklearn.compose import ColumnTransformer
 from sklearn.dummy import DummyClassifier, DummyRegressor
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import balanced_accuracy_score, mean_absolute_error, r2_score, roc_auc_score
@@ -92,6 +93,7 @@ def run_probes(
     Cs: Sequence[float] = DEFAULT_CS,
     n_jobs: int | None = None,
     return_predictions: bool = False,
+    covariates: Sequence[str] = (),
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Score linear probes of every feature set on every target, on shared repeated K-fold splits.
 
@@ -118,6 +120,12 @@ def run_probes(
     Cost: per target and feature set, ``n_splits * n_repeats * (len(grid) * inner_splits + 1)``
     linear fits.
 
+    Covariates: with ``covariates`` (cohort columns such as ``site``), every feature set's probe
+    also gets the covariates' design columns (:func:`~.tasks.covariate_matrix`: one indicator per
+    site, numbers as they are), scaled and penalised like the features, and the covariates alone
+    are probed as the feature set :data:`COVARIATES`, so a table shows what the site alone
+    predicts. A feature set's own steps (a PCA) see its own columns only.
+
     Chance: the feature set :data:`CHANCE` (added first when ``include_chance``, or any key mapped
     to ``None``) is a ``DummyRegressor`` (training mean) or ``DummyClassifier`` (class prior:
     majority class, constant score) scored on the same folds.
@@ -140,6 +148,7 @@ def run_probes(
         Cs: Logistic inverse penalties searched.
         n_jobs: Parallel jobs of each search.
         return_predictions: Also return the out-of-fold predictions.
+        covariates: Columns of ``table`` added to every feature set's probe (none by default).
 
     Returns:
         ``scores``: one row per feature set x target x metric with columns ``feature_set``,
@@ -147,7 +156,8 @@ def run_probes(
         ``mean`` and ``std`` (sample standard deviation, ddof=1, over the ``n_folds`` =
         ``n_splits * n_repeats`` outer test folds; folds overlap in training rows, so this is a
         spread, not a standard error), ``n_folds``, ``n_samples`` (rows with the target) and
-        ``n_features`` (columns of the feature set, before any steps; 0 for chance).
+        ``n_features`` (columns of the feature set, before any steps and without the
+        covariates; 0 for chance).
         With ``return_predictions``, also ``predictions``: one row per feature set x target x repeat
         x test row with ``feature_set``, ``target``, ``task``, ``row`` (the table index label),
         ``participant_id`` / ``session_id`` when the table has them, ``repeat``, ``fold``,
@@ -170,6 +180,9 @@ def run_probes(
     sets: dict[str, tasks.FeatureSet | None] = {}
     if include_chance and tasks.CHANCE not in feature_sets:
         sets[tasks.CHANCE] = None
+    design = tasks.covariate_matrix(table, covariates)
+    if design.shape[1] and tasks.COVARIATES not in feature_sets:
+        sets[tasks.COVARIATES] = tasks.FeatureSet(design)
     for name, value in feature_sets.items():
         sets[name] = None if value is None else tasks._aligned(name, value, table)
     task_types = dict(task_types or {})
@@ -205,14 +218,17 @@ def run_probes(
         if task == "classification":
             _check_both_classes(target, splits, inner_cv, y, groups)
         for name, feature_set in sets.items():
-            X = None if feature_set is None else feature_set.X[keep]
             if feature_set is not None and feature_set.steps:
                 _check_step_sizes(name, target, feature_set, splits, inner_cv, y, groups)
+            probed = feature_set
+            if feature_set is not None and name != tasks.COVARIATES and design.shape[1]:
+                probed = _with_covariates(feature_set, design)
+            X = None if probed is None else probed.X[keep]
             log.info("probing %s with %s (%s, %d rows)", target, name, task, len(y))
             fold_scores, predictions = _cross_validate(
-                feature_set, X, y, task, splits, inner_cv, groups, alphas, Cs, n_jobs
+                probed, X, y, task, splits, inner_cv, groups, alphas, Cs, n_jobs
             )
-            n_features = 0 if X is None else X.shape[1]
+            n_features = 0 if feature_set is None else feature_set.X.shape[1]
             for metric in tasks.METRICS[task]:
                 values = np.array([scores[metric] for scores in fold_scores])
                 score_rows.append(
@@ -244,6 +260,25 @@ def run_probes(
         return scores
     predictions = pd.concat(prediction_frames, ignore_index=True)
     return scores, predictions[[c for c in tasks.PREDICTION_COLUMNS if c in predictions.columns]]
+
+
+def _with_covariates(feature_set: tasks.FeatureSet, design: np.ndarray) -> tasks.FeatureSet:
+    """The feature set's columns followed by the covariates' design columns.
+
+    Its own steps (a PCA fitted inside every training fold) are applied to its own columns
+    only; the covariates pass through to the scaler and the linear model.
+    """
+    n = feature_set.X.shape[1]
+    X = np.hstack([feature_set.X, design])
+    if not feature_set.steps:
+        return tasks.FeatureSet(X)
+    own = ColumnTransformer(
+        [
+            ("features", Pipeline(list(feature_set.steps)), slice(0, n)),
+            ("covariates", "passthrough", slice(n, X.shape[1])),
+        ]
+    )
+    return tasks.FeatureSet(X, (("with_covariates", own),))
 
 
 def _fold_metric(metric: str, y_true: pd.Series, y_pred: pd.Series) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,6 +17,10 @@ Task = Literal["regression", "classification"]
 
 #: Name of the built-in "predict the training mean / majority class" feature set.
 CHANCE = "chance"
+
+
+#: Name of the feature set of the probe covariates alone (``run_probes(covariates=...)``).
+COVARIATES = "covariates"
 
 
 #: Metrics reported per task, in table order.
@@ -176,3 +181,47 @@ def _encode_target(values: pd.Series, name: str, task: Task) -> np.ndarray:
             "probes are binary: recode the column or make it a regression target"
         )
     return (values == classes[1]).to_numpy(dtype=float)
+
+
+def covariate_matrix(table: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """The design columns of the probe covariates: one-hot categories, numbers as they are.
+
+    A numeric column is one covariate; any other column (a site label) is one indicator per
+    value seen in ``table`` (a missing label is a value of its own, ``n/a``). The categories
+    come from the cohort's labels only, never from a target. A column with a single value
+    carries nothing and gives no design column.
+
+    Args:
+        table: the rows to probe.
+        columns: cohort columns to adjust every probe for (``probes.covariates``).
+
+    Returns:
+        ``(len(table), n_design)`` floats; ``n_design`` may be 0.
+
+    Raises:
+        UserError: a column missing from the table, or a numeric column with missing values.
+    """
+    blocks = [np.zeros((len(table), 0))]
+    for column in columns:
+        if column not in table.columns:
+            raise UserError(
+                f"probes.covariates: column '{column}' is not in the cohort table; "
+                f"use one of {list(table.columns)} or remove it"
+            )
+        values = table[column]
+        if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+            if values.isna().any():
+                raise UserError(
+                    f"probes.covariates: column '{column}' has {int(values.isna().sum())} missing "
+                    "value(s); fill them in participants.tsv or remove it from probes.covariates"
+                )
+            if values.nunique() > 1:
+                blocks.append(values.to_numpy(dtype=float).reshape(-1, 1))
+            continue
+        labels = values.astype("string").fillna("n/a").to_numpy(dtype=object)
+        levels = sorted(set(labels))
+        if len(levels) > 1:
+            blocks.append(
+                (labels[:, None] == np.array(levels, dtype=object)[None, :]).astype(float)
+            )
+    return np.hstack(blocks)
