@@ -583,6 +583,17 @@ def test_covariate_matrix_is_one_indicator_per_site_and_numbers_as_they_are():
     )
     np.testing.assert_array_equal(design, expected)
     assert covariate_matrix(table, []).shape == (4, 0)
+    # sites coded as whole numbers are categories, not a number: 3 indicators, not 1 column
+    codes = pd.DataFrame(
+        {"site": [11025, 11026, 11027, 11025], "etiv": [1512.3, 1604.8, 1450.1, 1702.6]}
+    )
+    np.testing.assert_array_equal(
+        covariate_matrix(codes, ["site"]),
+        [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]],
+    )
+    np.testing.assert_array_equal(
+        covariate_matrix(codes, ["etiv"]), [[1512.3], [1604.8], [1450.1], [1702.6]]
+    )
 
 
 def test_covariate_errors_name_the_key_and_the_column():
@@ -591,6 +602,9 @@ def test_covariate_errors_name_the_key_and_the_column():
         covariate_matrix(table, ["scanner"])
     with pytest.raises(UserError, match=r"column 'field' has 1 missing value"):
         covariate_matrix(table, ["field"])
+    cohort, feature = site_shifted_cohort()
+    with pytest.raises(UserError, match=r"probes.covariates: 'age' is also a probe target"):
+        run_probes({"x": feature}, cohort, ["age"], covariates=["age"], **FAST)
 
 
 def site_shifted_cohort(n: int = 90, seed: int = 1) -> tuple[pd.DataFrame, np.ndarray]:

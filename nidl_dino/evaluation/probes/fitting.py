@@ -180,6 +180,12 @@ def run_probes(
     sets: dict[str, tasks.FeatureSet | None] = {}
     if include_chance and tasks.CHANCE not in feature_sets:
         sets[tasks.CHANCE] = None
+    leaked = sorted(set(covariates) & set(targets))
+    if leaked:
+        raise UserError(
+            f"probes.covariates: '{leaked[0]}' is also a probe target; remove it from "
+            "probes.covariates or from probes.targets"
+        )
     design = tasks.covariate_matrix(table, covariates)
     if design.shape[1] and tasks.COVARIATES not in feature_sets:
         sets[tasks.COVARIATES] = tasks.FeatureSet(design)

@@ -186,10 +186,11 @@ def _encode_target(values: pd.Series, name: str, task: Task) -> np.ndarray:
 def covariate_matrix(table: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
     """The design columns of the probe covariates: one-hot categories, numbers as they are.
 
-    A numeric column is one covariate; any other column (a site label) is one indicator per
-    value seen in ``table`` (a missing label is a value of its own, ``n/a``). The categories
-    come from the cohort's labels only, never from a target. A column with a single value
-    carries nothing and gives no design column.
+    A column of labels (a site) is one indicator per value seen in ``table`` (a missing label is
+    a value of its own, ``n/a``); so is a column of whole numbers, as sites are often coded
+    (1, 2, 3; UK Biobank's 11025...). A column with fractional values (a head size in ml) is one
+    covariate, as it is. The categories come from the cohort's labels only, never from a
+    target. A column with a single value carries nothing and gives no design column.
 
     Args:
         table: the rows to probe.
@@ -209,7 +210,8 @@ def covariate_matrix(table: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
                 f"use one of {list(table.columns)} or remove it"
             )
         values = table[column]
-        if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+        if numeric and not (values.dropna() % 1 == 0).all():
             if values.isna().any():
                 raise UserError(
                     f"probes.covariates: column '{column}' has {int(values.isna().sum())} missing "
@@ -218,6 +220,8 @@ def covariate_matrix(table: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
             if values.nunique() > 1:
                 blocks.append(values.to_numpy(dtype=float).reshape(-1, 1))
             continue
+        if numeric:  # whole numbers: codes, 2 not 2.0
+            values = values.astype("Int64")
         labels = values.astype("string").fillna("n/a").to_numpy(dtype=object)
         levels = sorted(set(labels))
         if len(levels) > 1:
