@@ -222,10 +222,7 @@ def covariate_matrix(table: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
             continue
         if numeric:  # whole numbers: codes, 2 not 2.0
             values = values.astype("Int64")
-        labels = values.astype("string").fillna("n/a").to_numpy(dtype=object)
-        levels = sorted(set(labels))
-        if len(levels) > 1:
-            blocks.append(
-                (labels[:, None] == np.array(levels, dtype=object)[None, :]).astype(float)
-            )
+        indicators = pd.get_dummies(values.astype("string").fillna("n/a"), dtype=float)
+        if indicators.shape[1] > 1:
+            blocks.append(indicators.to_numpy())
     return np.hstack(blocks)
