@@ -215,7 +215,8 @@ def covariate_matrix(table: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
             if values.isna().any():
                 raise UserError(
                     f"probes.covariates: column '{column}' has {int(values.isna().sum())} missing "
-                    "value(s); fill them in participants.tsv or remove it from probes.covariates"
+                    "value(s) among the probed scans; fill them (participants.tsv) or remove it from "
+                    "probes.covariates"
                 )
             if values.nunique() > 1:
                 blocks.append(values.to_numpy(dtype=float).reshape(-1, 1))
