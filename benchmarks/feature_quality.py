@@ -12,8 +12,8 @@ and sex ROC-AUC, mean +/- spread (standard deviation) over the folds, of DINO an
 baseline of ``probes/comparison.tsv`` (chance, the site alone (``covariates``), intensity PCA,
 random weights, brain volume (eTIV), brain intensity histogram, tissue-class volumes), DINO's
 paired gain over each, and a ceiling (the same probes on the generator's own latents). A
-summary over the variants, the machine (:func:`nidl_dino.machine.describe_machine`) and the time of each stage close the output;
-``OUT/summary.tsv`` keeps the numbers (of every cohort run with that ``--out``, the latest run of
+summary over the variants, the machine (:func:`nidl_dino.machine.describe_machine`) and the
+time of each stage close the output; ``OUT/summary.tsv`` keeps the numbers (of every cohort run with that ``--out``, the latest run of
 each). Re-running with the same ``--out`` reuses finished cohorts
 and workflow steps (Snakemake): a changed ``--configfile`` only reruns the steps it touches;
 ``--reuse OUT`` starts a new ``--out`` from a copy of another run's cohorts, so comparing recipes
