@@ -201,6 +201,22 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ],
         "blur_strong, training seed 2 (compare with seed_2)",
     ),
+    "local_whole": (
+        ["views={'local_scale': [1.0, 1.0]}"],
+        "local views = the whole volume at 24^3 (a coarser copy, not a part): resolution, not position",
+    ),
+    "local_large": (
+        ["views={'local_scale': [0.25, 0.6]}"],
+        "local crops of 25-60 % of the volume resized to 24^3 (the DINO paper's resized crops)",
+    ),
+    "local_large_seed_1": (
+        ["views={'local_scale': [0.25, 0.6]}", "seed=1"],
+        "local_large at training seed 1",
+    ),
+    "local_large_seed_2": (
+        ["views={'local_scale': [0.25, 0.6]}", "seed=2"],
+        "local_large at training seed 2",
+    ),
     "n4_only": (
         ["preprocessing={'bias_correction': {'template_fit': {'enabled': False}}}"],
         "bias: N4 alone (no template fit)",
