@@ -217,6 +217,10 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["views={'local_scale': [0.25, 0.6]}", "seed=2"],
         "local_large at training seed 2",
     ),
+    "local_large_6": (
+        ["views={'local_scale': [0.25, 0.6], 'num_local_crops': 6}"],
+        "local_large with 6 local crops instead of 2",
+    ),
     "noise_strong": (
         ["views={'intensity': {'noise': {'prob': [0.8, 0.8, 0.8], 'std': 0.2}}}"],
         "noise on the views up to 0.2 of the view's std (was 0.1): against strong_bias's 2x noise",
