@@ -225,6 +225,18 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["views={'intensity': {'noise': {'prob': [0.8, 0.8, 0.8], 'std': 0.2}}}"],
         "noise on the views up to 0.2 of the view's std (was 0.1): against strong_bias's 2x noise",
     ),
+    "norm_group": (
+        ["encoder={'kwargs': {'norm': ['group', {'num_groups': 4}]}}"],
+        "small_cnn with group norm (4 groups) instead of batch norm: no batch statistics",
+    ),
+    "norm_instance": (
+        ["encoder={'kwargs': {'norm': 'instance'}}"],
+        "small_cnn with instance norm instead of batch norm",
+    ),
+    "intensity_bins_8": (
+        ["encoder={'kwargs': {'intensity_bins': 8}}"],
+        "small_cnn sees each voxel's soft memberships of 8 intensity bands besides the intensity",
+    ),
     "n4_only": (
         ["preprocessing={'bias_correction': {'template_fit': {'enabled': False}}}"],
         "bias: N4 alone (no template fit)",

@@ -49,6 +49,7 @@ from nidl_dino.errors import UserError
 
 __all__ = [
     "ENCODERS",
+    "IntensityBins",
     "SmallCNN",
     "ViTEncoder",
     "build_encoder",
@@ -92,6 +93,41 @@ def parse_image_sizes(image_size: ImageSizes) -> list[Size3]:
     return sizes
 
 
+class IntensityBins(nn.Module):
+    """Soft bin memberships of each voxel's intensity, as extra input channels.
+
+    Each input channel ``x`` gives itself and ``exp(-(x - c_k)^2 / (2 s^2))`` for ``bins``
+    centres ``c_k`` spread evenly over ``[low, high]`` (the preprocessed volumes' [0, 1] brain
+    range), ``s`` half their spacing: a fixed (not learned) soft histogram encoding, so that a
+    first convolution can respond to a tissue's intensity band (CSF, grey or white matter) and
+    a spatial mean of its output can count that band's voxels, which one ReLU threshold of the
+    raw intensity cannot. Written here because neither MONAI nor torch has such a layer (MONAI's
+    mutual-information loss bins intensities the same way, inside the loss only).
+
+    Args:
+        bins: number of centres K (at least 2).
+        low: first centre.
+        high: last centre.
+
+    Shape:
+        ``(B, C, D, H, W)`` -> ``(B, C * (1 + K), D, H, W)``: per input channel, the channel
+        then its K memberships.
+    """
+
+    def __init__(self, bins: int, low: float = 0.0, high: float = 1.0) -> None:
+        super().__init__()
+        if int(bins) < 2 or not high > low:
+            raise UserError(f"intensity_bins={bins} (range {low}-{high}): use 0 (off) or >= 2")
+        self.bins = int(bins)
+        self.register_buffer("centres", torch.linspace(float(low), float(high), self.bins))
+        self.width = 0.5 * (float(high) - float(low)) / (self.bins - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.centres.to(x.dtype).view(1, 1, -1, *([1] * (x.ndim - 2)))
+        member = torch.exp(-0.5 * ((x.unsqueeze(2) - c) / self.width) ** 2)
+        return torch.cat([x.unsqueeze(2), member], dim=2).flatten(1, 2)
+
+
 class SmallCNN(nn.Module):
     """A small 3D CNN for CPU tests and the demo.
 
@@ -104,6 +140,9 @@ class SmallCNN(nn.Module):
         norm: MONAI norm name, e.g. ``"batch"`` or ``"instance"``. Batch norm stays well defined
             when the last stage is 1 voxel wide (small local crops), instance norm does not.
         act: MONAI activation name.
+        intensity_bins: 0 (off) or K >= 2: the input first goes through
+            :class:`IntensityBins` (each voxel's intensity and its soft memberships of K
+            intensity bands over [0, 1]).
 
     Shape:
         ``(B, C, D, H, W)`` -> ``(B, channels[-1])``.
@@ -115,10 +154,14 @@ class SmallCNN(nn.Module):
         channels: Sequence[int] = (16, 32, 64, 128),
         norm: str = "batch",
         act: str = "relu",
+        intensity_bins: int = 0,
     ) -> None:
         super().__init__()
         stages = []
         c_in = in_channels
+        self.stem = IntensityBins(intensity_bins) if intensity_bins else nn.Identity()
+        if intensity_bins:
+            c_in = in_channels * (1 + int(intensity_bins))
         for c_out in channels:
             stages.append(ResidualUnit(3, c_in, c_out, strides=2, norm=norm, act=act))
             c_in = c_out
@@ -127,10 +170,11 @@ class SmallCNN(nn.Module):
         self.output_dim = int(c_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.features(x))
+        return self.pool(self.features(self.stem(x)))
 
     def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The feature map after each stage, ``[(B, channels[i], D_i, H_i, W_i), ...]``."""
+        x = self.stem(x)
         outputs = []
         for stage in self.features:
             x = stage(x)

@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from nidl_dino.encoders.networks import ENCODERS, ViTEncoder, build_encoder, encoder_output_dim
+from nidl_dino.encoders.networks import (
+    ENCODERS,
+    IntensityBins,
+    ViTEncoder,
+    build_encoder,
+    encoder_output_dim,
+)
 from nidl_dino.errors import UserError
 
 from dino_fixtures import tiny_dino
@@ -372,3 +378,34 @@ def test_default_pooling_is_config_yamls():
 
     config = yaml.safe_load((Path(__file__).parents[2] / "config.yaml").read_text())
     assert config["extract"]["pooling"] == DEFAULT_POOLING and DEFAULT_POOLING in POOLINGS
+
+
+def test_intensity_bins_are_gaussian_memberships_of_evenly_spaced_centres():
+    # 5 centres over [0, 1]: 0, 0.25, ..., 1, spacing 0.25, width s = 0.125
+    layer = IntensityBins(5)
+    x = torch.tensor([0.0, 0.3, 0.8, 1.2]).view(1, 1, 4, 1, 1)
+    out = layer(x)
+    assert out.shape == (1, 6, 4, 1, 1)
+    assert torch.equal(out[:, 0], x[:, 0])  # the intensity itself comes first
+    for k, c in enumerate([0.0, 0.25, 0.5, 0.75, 1.0]):
+        for i, v in enumerate([0.0, 0.3, 0.8, 1.2]):
+            expected = torch.exp(torch.tensor(-((v - c) ** 2) / (2 * 0.125**2)))
+            torch.testing.assert_close(out[0, 1 + k, i, 0, 0], expected)
+    # two input channels: each channel then its own memberships
+    two = IntensityBins(3)(torch.stack([x[:, 0], 1 - x[:, 0]], dim=1))
+    assert two.shape == (1, 8, 4, 1, 1)
+    torch.testing.assert_close(two[:, 4], 1 - x[:, 0])
+    torch.testing.assert_close(two[:, 1:4], IntensityBins(3)(x)[:, 1:])
+
+
+def test_small_cnn_with_intensity_bins_sees_the_binned_input():
+    plain = build_encoder({"name": "small_cnn"})
+    binned = build_encoder({"name": "small_cnn", "kwargs": {"intensity_bins": 8}})
+    assert binned.features[0].conv.unit0.conv.in_channels == 9
+    assert plain.features[0].conv.unit0.conv.in_channels == 1
+    x = torch.rand(2, 1, 24, 24, 24)
+    maps = binned.stage_outputs(x)
+    assert [m.shape[1] for m in maps] == [16, 32, 64, 128]
+    torch.testing.assert_close(binned(x), maps[-1].mean(dim=(2, 3, 4)))
+    with pytest.raises(UserError, match="intensity_bins"):
+        build_encoder({"name": "small_cnn", "kwargs": {"intensity_bins": 1}})
