@@ -158,6 +158,7 @@ class SmallCNN(nn.Module):
     ) -> None:
         super().__init__()
         stages = []
+        self.in_channels = int(in_channels)
         c_in = in_channels
         self.stem = IntensityBins(intensity_bins) if intensity_bins else nn.Identity()
         if intensity_bins:

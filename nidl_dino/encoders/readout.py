@@ -168,7 +168,11 @@ class StagePooling(nn.Module):
 
 
 def _in_channels(encoder: nn.Module) -> int:
-    """Input channels of the first convolution (1 when there is none)."""
+    """Input channels: the encoder's ``in_channels`` attribute, else those of its first
+    convolution (1 when there is none)."""
+    declared = getattr(encoder, "in_channels", None)
+    if isinstance(declared, int):
+        return declared
     for module in encoder.modules():
         if isinstance(module, nn.Conv3d):
             return int(module.in_channels)

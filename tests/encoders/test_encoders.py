@@ -407,5 +407,11 @@ def test_small_cnn_with_intensity_bins_sees_the_binned_input():
     maps = binned.stage_outputs(x)
     assert [m.shape[1] for m in maps] == [16, 32, 64, 128]
     torch.testing.assert_close(binned(x), maps[-1].mean(dim=(2, 3, 4)))
+    # the readout's probe pass feeds the encoder's own input channels, not its first conv's
+    from nidl_dino.encoders.readout import feature_encoder
+
+    for pooling in ("stages_mean_std", "stages_quantiles"):
+        readout = feature_encoder(binned.eval(), pooling)
+        assert readout(x).shape == (2, readout.output_dim)
     with pytest.raises(UserError, match="intensity_bins"):
         build_encoder({"name": "small_cnn", "kwargs": {"intensity_bins": 1}})
