@@ -117,7 +117,10 @@ class IntensityBins(nn.Module):
     def __init__(self, bins: int, low: float = 0.0, high: float = 1.0) -> None:
         super().__init__()
         if int(bins) < 2 or not high > low:
-            raise UserError(f"intensity_bins={bins} (range {low}-{high}): use 0 (off) or >= 2")
+            raise UserError(
+                f"encoder.kwargs.intensity_bins={bins} (range {low}-{high}): set 0 (off) or an "
+                "integer >= 2"
+            )
         self.bins = int(bins)
         self.register_buffer("centres", torch.linspace(float(low), float(high), self.bins))
         self.width = 0.5 * (float(high) - float(low)) / (self.bins - 1)
