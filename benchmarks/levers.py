@@ -57,6 +57,10 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["data={'batch_size': 4}"],
         "batch 4: twice the optimiser steps for the same epochs (1.44x the training time)",
     ),
+    "batch_16": (
+        ["data={'batch_size': 16}"],
+        "batch 16: batch-norm statistics and the teacher's centre over twice the volumes, half the steps",
+    ),
     "local_crops_0": (["views={'num_local_crops': 0}"], "the two global views only"),
     "local_crops_6": (
         ["views={'num_local_crops': 6}"],
