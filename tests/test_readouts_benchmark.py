@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import torch
+from benchmark_scripts import load_benchmark
 
 from nidl_dino.encoders.networks import build_encoder
 from nidl_dino.encoders.readout import StagePooling
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "readouts.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("readouts_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_mean_std_is_the_workflows_readout_and_subsets_partition_it():
-    readouts = load_script()
+    readouts = load_benchmark("readouts")
     torch.manual_seed(0)
     encoder = build_encoder("small_cnn", in_channels=1, image_size=None).eval()
     x = torch.rand(3, 1, 24, 24, 24)
@@ -42,7 +31,7 @@ def test_mean_std_is_the_workflows_readout_and_subsets_partition_it():
 
 
 def test_mean_std_at_size_reads_the_volume_as_the_global_views_show_it():
-    readouts = load_script()
+    readouts = load_benchmark("readouts")
     torch.manual_seed(1)
     encoder = build_encoder("small_cnn", in_channels=1, image_size=None).eval()
     x = torch.rand(2, 1, 32, 32, 32)
