@@ -35,7 +35,7 @@ from nidl_dino.training.devices import trainer_options
 from nidl_dino.training.distributed import RankRecord
 from nidl_dino.training.progress import EpochProgress, quiet_lightning
 from nidl_dino.training.resources import n_devices
-from nidl_dino.workflow.layout import source_of_volume
+from nidl_dino.workflow.layout import ScanFiles, source_of_volume
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def training_fingerprint(config: Mapping[str, Any], volume_paths: Sequence[str])
         "sections": {k: config.get(k) for k in FINGERPRINT_SECTIONS},
         "trainer": {k: trainer.get(k) for k in FINGERPRINT_TRAINER_KEYS},
         "batch_size": config["data"]["batch_size"],
-        "volumes": sorted(os.path.basename(str(p)) for p in volume_paths),
+        "volumes": sorted(volume_keys(volume_paths)),
     }
     if resolve_views_on_device(config["data"]["views_on_device"], trainer["accelerator"]):
         # device views draw other random numbers than the CPU workers: no resume across them
@@ -61,6 +61,43 @@ def training_fingerprint(config: Mapping[str, Any], volume_paths: Sequence[str])
         payload["views_on_device"] = True
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def volume_keys(volume_paths: Sequence[str]) -> list[str]:
+    """What each training volume was made from, as text for :func:`training_fingerprint`.
+
+    The file name, and the input section of the preprocessing signature the workflow writes
+    beside the volume (:attr:`~nidl_dino.workflow.layout.ScanFiles.signature`: the input scan's
+    name, size and modification time, and the hash of the preprocessing configuration), so that
+    re-preprocessed volumes (another preprocessing setting, a replaced scan) never resume a
+    training of the old ones, while moving ``output_dir`` still resumes. A volume without a
+    signature (made outside the workflow) is keyed on its own size and modification time; one
+    that cannot be read, on its name alone.
+    """
+    keys = []
+    for path in volume_paths:
+        name = os.path.basename(str(path))
+        source = source_of_volume(path)
+        signature = ScanFiles(Path(path).parent, source).signature if source else None
+        made_from: Any = None
+        if signature is not None and signature.is_file():
+            try:
+                made_from = json.loads(signature.read_text()).get("input")
+            except (OSError, ValueError, AttributeError):
+                made_from = None
+        if isinstance(made_from, dict):
+            made_from = {
+                **made_from,
+                "input_file": os.path.basename(str(made_from.get("input_file"))),
+            }
+        else:
+            try:
+                stat = os.stat(path)
+                made_from = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            except OSError:
+                made_from = None
+        keys.append(json.dumps([name, made_from], sort_keys=True, default=str))
+    return keys
 
 
 def resume_checkpoint(ckpt_dir: Path, fingerprint: str) -> str | None:

@@ -200,3 +200,28 @@ def test_killed_training_job_resumes_from_its_checkpoint(cohort):
     assert resumed.keys() == uninterrupted.keys() and "loss.center" in resumed
     for key, value in resumed.items():
         assert torch.allclose(value.float(), uninterrupted[key].float(), atol=1e-5), key
+
+
+def test_changed_preprocessing_trains_anew_instead_of_resuming(cohort):
+    # A preprocessing setting that keeps every file name (the mask's margin) re-preprocesses the
+    # scans; the training job that follows must train on the new volumes, not "resume" the
+    # finished run of the old ones (same names, same model config: the old fingerprint matched)
+    root, _ = cohort
+    first = _overlay(root, "reprep", trainer={"max_epochs": 1})
+    res = snakemake(root, "--cores", "2", "--configfile", str(first), "--until", "train")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = root / "reprep/model/training_summary.json"
+    before = yaml.safe_load(summary.read_text())
+    changed = _overlay(
+        root,
+        "reprep",
+        trainer={"max_epochs": 1},
+        preprocessing={"resample": {"spacing_mm": 6.0}, "mask": {"dilation_mm": 8.0}},
+    )
+    res = snakemake(root, "--cores", "2", "--configfile", str(changed), "--until", "train")
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = yaml.safe_load(summary.read_text())
+    assert after["resumed_from"] is None and after["global_step"] == before["global_step"]
+    assert after["fingerprint"] != before["fingerprint"]
+    assert after["model_id"] != before["model_id"]
+    assert list((root / "reprep/model/work").glob("checkpoints.stale-*"))
