@@ -196,7 +196,9 @@ def test_demo_through_slurm_with_cancel_and_resume(cluster, tmp_path):
     summaries = {w: json.loads((w / "out/model/training_summary.json").read_text()) for w in runs}
     assert str(summaries[cancelled]["resumed_from"]).endswith("last.ckpt")
     assert summaries[straight]["resumed_from"] in (None, "")
-    for key in ("model_id", "fingerprint", "global_step", "epochs", "final_loss"):
+    # (not the fingerprint: it holds each volume's preprocessing signature, and each run
+    # generated its own copy of the demo scans, with other modification times)
+    for key in ("model_id", "global_step", "epochs", "final_loss"):
         assert summaries[cancelled][key] == summaries[straight][key], key
     resumed, uninterrupted = _final_state(cancelled), _final_state(straight)
     assert resumed.keys() == uninterrupted.keys() and "loss.center" in resumed
