@@ -15,6 +15,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from nidl_dino.errors import UserError
+
 log = logging.getLogger("nidl_dino.train")
 
 #: Lightning messages that say nothing about a workflow job, and why each is dropped.
@@ -69,12 +71,20 @@ def _metric(metrics: dict[str, Any], *names: str) -> float:
     return math.nan
 
 
+def _has_loss(metrics: dict[str, Any]) -> bool:
+    return any(name in metrics for name in ("train/loss_epoch", "train/loss"))
+
+
 class EpochProgress(pl.Callback):
     """Log one line per finished training epoch, on the first process only.
 
     The line holds the epoch (of ``max_epochs``), the global optimizer step, the epoch's mean
     loss, the teacher entropy (a collapse monitor, nats), the learning rate, the epoch's optimizer
     steps per second and the time left, estimated from the mean epoch time of this (re)start.
+
+    An epoch whose mean loss is not finite stops the training with a :class:`UserError` (on every
+    process, before the epoch's checkpoint is saved): diverged weights would otherwise train on
+    to the last epoch and give every scan NaN features.
     """
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
@@ -103,6 +113,18 @@ class EpochProgress(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        loss = _metric(trainer.callback_metrics, "train/loss_epoch", "train/loss")
+        if math.isinf(loss) or (math.isnan(loss) and _has_loss(trainer.callback_metrics)):
+            # every rank sees it (DDP shares the gradients); raised before this epoch's checkpoint
+            # is written (Lightning runs ModelCheckpoint last), so a rerun resumes finite weights
+            raise UserError(
+                f"training loss is not finite ({loss}) in epoch {trainer.current_epoch + 1} "
+                f"(step {trainer.global_step}, trainer.precision {trainer.precision}): the weights "
+                "diverged. On a CPU set trainer.precision: 32-true (oneDNN's bf16 3D-convolution "
+                "gradients are at times not finite on some CPUs, benchmarks/README.md, session "
+                "21); else lower dino.learning_rate or dino.clip_grad. Then run the same command "
+                "again: training resumes from the last finite epoch"
+            )
         now = time.perf_counter()
         self._epochs_done += 1
         steps = trainer.global_step - self._epoch_step0

@@ -68,3 +68,35 @@ def test_quiet_lightning_drops_only_the_named_noise(caplog):
         rank_zero.info("GPU available: False")
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["GPU available: False"]
+
+
+def test_a_non_finite_epoch_loss_stops_training_with_one_line():
+    import math
+
+    import pytorch_lightning as pl
+    import torch
+
+    from nidl_dino.errors import UserError
+
+    class Diverge(pl.Callback):
+        """Weights gone to NaN after the first step, as a bad bf16 gradient leaves them."""
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 1:
+                with torch.no_grad():
+                    for p in pl_module.student.parameters():
+                        p.fill_(math.nan)
+
+    model = DINO(
+        TinyConv3d,
+        encoder_kwargs={"dim": 8},
+        **SMALL_HEAD,
+        num_local_crops=2,
+        max_epochs=3,
+        random_state=0,
+        **QUIET_TRAINER,
+        callbacks=[EpochProgress(logging.getLogger("test_progress")), Diverge()],
+    )
+    with pytest.raises(UserError, match=r"training loss is not finite \(nan\) in epoch 1 \(step 2"):
+        model.fit(views_loader(batch_size=4, n=8))
+    assert model.trainer.current_epoch == 0  # stopped at the end of the first epoch
