@@ -21,9 +21,9 @@ def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
 
 
-def test_one_line_per_epoch_with_step_loss_entropy_lr_speed_and_time_left(caplog):
-    logger = logging.getLogger("test_progress")
-    model = DINO(
+def _three_epochs(*callbacks):
+    """A tiny DINO for 3 epochs of 2 steps (with ``views_loader(batch_size=4, n=8)``)."""
+    return DINO(
         TinyConv3d,
         encoder_kwargs={"dim": 8},
         **SMALL_HEAD,
@@ -31,8 +31,13 @@ def test_one_line_per_epoch_with_step_loss_entropy_lr_speed_and_time_left(caplog
         max_epochs=3,
         random_state=0,
         **QUIET_TRAINER,
-        callbacks=[EpochProgress(logger)],
+        callbacks=list(callbacks),
     )
+
+
+def test_one_line_per_epoch_with_step_loss_entropy_lr_speed_and_time_left(caplog):
+    logger = logging.getLogger("test_progress")
+    model = _three_epochs(EpochProgress(logger))
     with caplog.at_level(logging.INFO, logger="test_progress"):
         model.fit(views_loader(batch_size=4, n=8))  # 2 steps per epoch
     lines = [r.getMessage() for r in caplog.records if r.name == "test_progress"]
@@ -87,16 +92,7 @@ def test_a_non_finite_epoch_loss_stops_training_with_one_line():
                     for p in pl_module.student.parameters():
                         p.fill_(math.nan)
 
-    model = DINO(
-        TinyConv3d,
-        encoder_kwargs={"dim": 8},
-        **SMALL_HEAD,
-        num_local_crops=2,
-        max_epochs=3,
-        random_state=0,
-        **QUIET_TRAINER,
-        callbacks=[EpochProgress(logging.getLogger("test_progress")), Diverge()],
-    )
+    model = _three_epochs(EpochProgress(logging.getLogger("test_progress")), Diverge())
     with pytest.raises(UserError, match=r"training loss is not finite \(nan\) in epoch 1 \(step 2"):
         model.fit(views_loader(batch_size=4, n=8))
     assert model.trainer.current_epoch == 0  # stopped at the end of the first epoch
