@@ -96,3 +96,40 @@ def test_a_non_finite_epoch_loss_stops_training_with_one_line():
     with pytest.raises(UserError, match=r"training loss is not finite \(nan\) in epoch 1 \(step 2"):
         model.fit(views_loader(batch_size=4, n=8))
     assert model.trainer.current_epoch == 0  # stopped at the end of the first epoch
+
+
+def test_the_diverged_epoch_leaves_the_last_finite_checkpoint(tmp_path):
+    import math
+
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from nidl_dino.errors import UserError
+
+    class Diverge(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:  # in the second epoch
+                with torch.no_grad():
+                    for p in pl_module.student.parameters():
+                        p.fill_(math.nan)
+
+    # the checkpoint callback listed first, as in training.run: Lightning still runs it last
+    last = ModelCheckpoint(dirpath=tmp_path, filename="last", every_n_epochs=1, save_top_k=1)
+    model = DINO(
+        TinyConv3d,
+        encoder_kwargs={"dim": 8},
+        **SMALL_HEAD,
+        num_local_crops=2,
+        max_epochs=3,
+        random_state=0,
+        **{**QUIET_TRAINER, "enable_checkpointing": True},
+        callbacks=[last, EpochProgress(logging.getLogger("test_progress")), Diverge()],
+    )
+    with pytest.raises(UserError, match=r"not finite \(nan\) in epoch 2 "):
+        model.fit(views_loader(batch_size=4, n=8))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert saved["epoch"] == 0 and saved["global_step"] == 2  # the first epoch's, not the NaN one
+    assert all(
+        torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point()
+    )
