@@ -241,6 +241,18 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["encoder={'kwargs': {'intensity_bins': 8}}"],
         "small_cnn sees each voxel's soft memberships of 8 intensity bands besides the intensity",
     ),
+    "head_stages": (
+        ["encoder={'kwargs': {'output': 'stages_mean_std'}}"],
+        "DINO's head on every stage's channel means and spreads (the probed readout)",
+    ),
+    "head_stages_seed_1": (
+        ["encoder={'kwargs': {'output': 'stages_mean_std'}}", "seed=1"],
+        "head_stages, training seed 1",
+    ),
+    "head_stages_seed_2": (
+        ["encoder={'kwargs': {'output': 'stages_mean_std'}}", "seed=2"],
+        "head_stages, training seed 2",
+    ),
     "n4_only": (
         ["preprocessing={'bias_correction': {'template_fit': {'enabled': False}}}"],
         "bias: N4 alone (no template fit)",

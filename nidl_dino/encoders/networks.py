@@ -131,6 +131,10 @@ class IntensityBins(nn.Module):
         return torch.cat([x.unsqueeze(2), member], dim=2).flatten(1, 2)
 
 
+#: What :class:`SmallCNN` may return (its ``output`` argument).
+SMALL_CNN_OUTPUTS = ("last", "stages_mean_std")
+
+
 class SmallCNN(nn.Module):
     """A small 3D CNN for CPU tests and the demo.
 
@@ -146,9 +150,15 @@ class SmallCNN(nn.Module):
         intensity_bins: 0 (off) or K >= 2: the input first goes through
             :class:`IntensityBins` (each voxel's intensity and its soft memberships of K
             intensity bands over [0, 1]).
+        output: what :meth:`forward` returns, and so what DINO trains: ``"last"`` (the last
+            stage's spatial mean) or ``"stages_mean_std"`` (every stage's per-channel spatial
+            standard deviations, then means: the vector ``extract.pooling: stages_mean_std``
+            reads out, in the same layout, so that the objective shapes the features the
+            probes see; benchmarks/README.md, session 22).
 
     Shape:
-        ``(B, C, D, H, W)`` -> ``(B, channels[-1])``.
+        ``(B, C, D, H, W)`` -> ``(B, channels[-1])``, or ``(B, 2 * sum(channels))`` with
+        ``output="stages_mean_std"``.
     """
 
     def __init__(
@@ -158,8 +168,12 @@ class SmallCNN(nn.Module):
         norm: str = "batch",
         act: str = "relu",
         intensity_bins: int = 0,
+        output: str = "last",
     ) -> None:
         super().__init__()
+        if output not in SMALL_CNN_OUTPUTS:
+            raise ValueError(f"output must be one of {SMALL_CNN_OUTPUTS}, got {output!r}")
+        self.output = output
         stages = []
         self.in_channels = int(in_channels)
         c_in = in_channels
@@ -171,10 +185,14 @@ class SmallCNN(nn.Module):
             c_in = c_out
         self.features = nn.Sequential(*stages)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(1))
-        self.output_dim = int(c_in)
+        self.output_dim = int(c_in) if output == "last" else 2 * sum(int(c) for c in channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.features(self.stem(x)))
+        if self.output == "last":
+            return self.pool(self.features(self.stem(x)))
+        maps = [t.flatten(2) for t in self.stage_outputs(x)]
+        stds = [t.std(dim=2, correction=0) for t in maps]
+        return torch.cat(stds + [t.mean(dim=2) for t in maps], dim=1)
 
     def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The feature map after each stage, ``[(B, channels[i], D_i, H_i, W_i), ...]``."""

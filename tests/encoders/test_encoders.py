@@ -147,6 +147,13 @@ def test_vit_rejects_an_input_size_at_forward_time():
 
 FIT_CASES = [
     pytest.param("small_cnn", {"channels": [4, 8, 16, 32]}, (GLOBAL, LOCAL), True, id="small_cnn"),
+    pytest.param(
+        "small_cnn",
+        {"channels": [4, 8, 16, 32], "output": "stages_mean_std"},
+        (GLOBAL, LOCAL),
+        True,
+        id="small_cnn_stages_mean_std",
+    ),
     pytest.param("vit", TINY_VIT, (GLOBAL, LOCAL), False, id="vit", marks=needs_einops),
     pytest.param("resnet10", {}, (GLOBAL, LOCAL), True, id="resnet10", marks=pytest.mark.slow),
     pytest.param("resnet18", {}, (GLOBAL, LOCAL), True, id="resnet18", marks=pytest.mark.slow),
@@ -415,3 +422,39 @@ def test_small_cnn_with_intensity_bins_sees_the_binned_input():
         assert readout(x).shape == (2, readout.output_dim)
     with pytest.raises(UserError, match="intensity_bins"):
         build_encoder({"name": "small_cnn", "kwargs": {"intensity_bins": 1}})
+
+
+def test_small_cnn_stages_output_is_every_stage_std_then_mean():
+    # output="stages_mean_std": per channel of each stage map, the population standard deviation
+    # sqrt(mean(x^2) - mean(x)^2) over its voxels for every stage, then the means; the weights are
+    # those of output="last" at the same seed (the random-weights baseline does not change).
+    torch.manual_seed(3)
+    last = build_encoder({"name": "small_cnn", "kwargs": {"channels": [4, 8, 16, 32]}})
+    torch.manual_seed(3)
+    spec = {
+        "name": "small_cnn",
+        "kwargs": {"channels": [4, 8, 16, 32], "output": "stages_mean_std"},
+    }
+    joined = build_encoder(spec)
+    for a, b in zip(last.state_dict().values(), joined.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert joined.output_dim == 2 * (4 + 8 + 16 + 32)
+    joined.eval()
+    x = torch.rand(3, 1, 24, 24, 24, dtype=torch.float64)
+    joined.double()
+    out = joined(x)
+    maps = [m.flatten(2) for m in joined.stage_outputs(x)]
+    means = [m.sum(dim=2) / m.shape[2] for m in maps]
+    stds = [
+        ((m**2).sum(dim=2) / m.shape[2] - mu**2).clamp_min(0).sqrt()
+        for m, mu in zip(maps, means, strict=True)
+    ]
+    torch.testing.assert_close(out, torch.cat(stds + means, dim=1))
+    # the last features are the last stage's mean: output="last"'s vector
+    torch.testing.assert_close(out[:, -32:], last.double().eval()(x))
+    # the same vector as the readout of extract.pooling: stages_mean_std
+    from nidl_dino.encoders.readout import feature_encoder
+
+    torch.testing.assert_close(feature_encoder(joined, "stages_mean_std")(x), out)
+    with pytest.raises(UserError, match="output"):
+        build_encoder({"name": "small_cnn", "kwargs": {"output": "stages"}})
