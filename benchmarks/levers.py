@@ -253,6 +253,17 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["encoder={'kwargs': {'output': 'stages_mean_std'}}", "seed=2"],
         "head_stages, training seed 2",
     ),
+    "head_stages_local_large": (
+        [
+            "encoder={'kwargs': {'output': 'stages_mean_std'}}",
+            "views={'local_scale': [0.25, 0.6]}",
+        ],
+        "head_stages with local_large's crops (local views of most of the brain)",
+    ),
+    "head_stages_global_only": (
+        ["encoder={'kwargs': {'output': 'stages_mean_std'}}", "views={'num_local_crops': 0}"],
+        "head_stages with the two global views only",
+    ),
     "n4_only": (
         ["preprocessing={'bias_correction': {'template_fit': {'enabled': False}}}"],
         "bias: N4 alone (no template fit)",
