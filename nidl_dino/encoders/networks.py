@@ -45,6 +45,7 @@ from monai.networks.nets.densenet import DenseNet121
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
+from nidl_dino.encoders.readout import stage_summary
 from nidl_dino.errors import UserError
 
 __all__ = [
@@ -190,9 +191,7 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.output == "last":
             return self.pool(self.features(self.stem(x)))
-        maps = [t.flatten(2) for t in self.stage_outputs(x)]
-        stds = [t.std(dim=2, correction=0) for t in maps]
-        return torch.cat(stds + [t.mean(dim=2) for t in maps], dim=1)
+        return stage_summary(self.stage_outputs(x), std=True)
 
     def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The feature map after each stage, ``[(B, channels[i], D_i, H_i, W_i), ...]``."""

@@ -20,7 +20,14 @@ from torch import nn
 from nidl_dino.errors import UserError
 from nidl_dino.settings import defaults
 
-__all__ = ["DEFAULT_POOLING", "POOLINGS", "StagePooling", "feature_encoder", "stage_outputs"]
+__all__ = [
+    "DEFAULT_POOLING",
+    "POOLINGS",
+    "StagePooling",
+    "feature_encoder",
+    "stage_outputs",
+    "stage_summary",
+]
 
 
 def _resnet_stages(model: ResNet, x: torch.Tensor) -> list[torch.Tensor]:
@@ -74,6 +81,18 @@ def stage_outputs(encoder: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         f"encoder {type(encoder).__name__} has no stages to pool: set extract.pooling: last, "
         "or give the class a stage_outputs(x) method returning its stages' feature maps"
     )
+
+
+def stage_summary(outputs: Sequence[torch.Tensor], std: bool = True) -> torch.Tensor:
+    """Per channel of every stage output, the spatial standard deviations (maps only, with
+    ``std``), then the spatial means (vectors as they are): the ``stages`` and
+    ``stages_mean_std`` layout, whose last features are the last stage's mean.
+
+    Shape: ``[(B, C_i, ...)]`` -> ``(B, sum C_i [+ sum over maps of C_i])``.
+    """
+    means = [t.flatten(2).mean(dim=2) if t.ndim > 2 else t for t in outputs]
+    stds = [t.flatten(2).std(dim=2, correction=0) for t in outputs if std and t.ndim > 2]
+    return torch.cat(stds + means, dim=1)
 
 
 class StagePooling(nn.Module):
@@ -134,13 +153,12 @@ class StagePooling(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = stage_outputs(self.encoder, x)
-        means = [t.flatten(2).mean(dim=2) if t.ndim > 2 else t for t in outputs]
-        stds = [t.flatten(2).std(dim=2, correction=0) for t in outputs if self.std and t.ndim > 2]
+        summary = stage_summary(outputs, std=self.std)
         if not self.quantiles:
-            return torch.cat(stds + means, dim=1)
+            return summary
         inside = (x != 0).any(dim=1, keepdim=True).float()
         spreads = [self._quantiles(t, inside) for t in outputs if t.ndim > 2]
-        return torch.cat(spreads + stds + means, dim=1)
+        return torch.cat([*spreads, summary], dim=1)
 
     def _quantiles(self, t: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
         # Order statistics of each channel over the voxels inside the input's non-zero region
