@@ -137,6 +137,18 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["dino={'patch_loss_weight': 1.0}", "views={'global_scale': [0.6, 1.0]}"],
         "iBOT's loss with global views cropped at random (60-100 % of the volume)",
     ),
+    "ibot_stage3": (
+        ["dino={'patch_loss_weight': 1.0, 'patch_stage': 3}"],
+        "iBOT's loss on small_cnn's stage-3 map (6^3 tokens on a 48^3 view, not 3^3)",
+    ),
+    "ibot_stage3_global_crops": (
+        ["dino={'patch_loss_weight': 1.0, 'patch_stage': 3}", "views={'global_scale': [0.6, 1.0]}"],
+        "ibot_stage3 with global views cropped at random (60-100 % of the volume)",
+    ),
+    "ibot_stage3_per_token": (
+        ["dino={'patch_loss_weight': 1.0, 'patch_stage': 3, 'patch_centering': 'per_token'}"],
+        "ibot_stage3 with one teacher centre per token position",
+    ),
     "gamma_mild": (
         ["views={'intensity': {'gamma': {'prob': [0.5, 0.5, 0.5], 'range': [0.8, 1.25]}}}"],
         "a mild random contrast (gamma 0.8-1.25) on half the views, against the sites' contrast",

@@ -118,6 +118,12 @@ class DINO(TransformerMixin, BaseEstimator):
         patch_centering: ``"global"`` (iBOT's: one centre for every token) or ``"per_token"``
             (one centre per token position, see :class:`PatchDistillationLoss`; an addition of
             this project, for registered images, where a token's position tells its anatomy).
+        patch_stage: which stage's feature map gives the patch loss its tokens: 0 (the last,
+            as iBOT's ViT tokens are its last block's) or k >= 1 (the k-th stage, a finer grid:
+            small_cnn's stage 3 has 6^3 cells on a 48^3 view where the last has 3^3, so that
+            most tokens see no border of the view). The patch head's input is that stage's
+            channels; the image-level features stay the last stage's. An addition of this
+            project.
         **kwargs: ``random_state`` (int or None), ``save_hparams`` (bool, default True),
             ``ignore`` (hyperparameter names not to save), ``inference_precision`` (precision of
             ``transform``, default ``"32-true"`` whatever the training precision), and any
@@ -175,6 +181,7 @@ class DINO(TransformerMixin, BaseEstimator):
         mask_ratio: Sequence[float] = (0.1, 0.5),
         mask_probability: float = 0.5,
         patch_centering: str = "global",
+        patch_stage: int = 0,
         **kwargs: Any,
     ):
         random_state = kwargs.pop("random_state", None)
@@ -273,11 +280,16 @@ class DINO(TransformerMixin, BaseEstimator):
                 f"DINO: patch_centering must be one of {PATCH_CENTERINGS}, got {patch_centering!r}"
             )
         self.patch_centering = patch_centering
+        if isinstance(patch_stage, bool) or not isinstance(patch_stage, int) or patch_stage < 0:
+            raise ValueError(f"DINO: patch_stage must be an integer >= 0, got {patch_stage!r}")
+        self.patch_stage = int(patch_stage)
         # Built only when used, so that runs without it draw the same random numbers as before.
         self.student_patch_head: DINOProjectionHead | None = None
         self.teacher_patch_head: DINOProjectionHead | None = None
         self.patch_loss: PatchDistillationLoss | None = None
         if self.patch_loss_weight > 0:
+            if self.patch_stage:
+                head_options["input_dim"] = _stage_channels(self.student, self.patch_stage)
             with self._seeded():
                 self.student_patch_head = DINOProjectionHead(**head_options)
             self.teacher_patch_head = copy.deepcopy(self.student_patch_head)
@@ -368,7 +380,7 @@ class DINO(TransformerMixin, BaseEstimator):
             features = [self.student(global_views)]
         else:
             global_views = self.mask_views(global_views, masks.flatten(0, 1), grid)
-            pooled, tokens, _ = _pooled_and_tokens(self.student, global_views)
+            pooled, tokens, _ = _pooled_and_tokens(self.student, global_views, self.patch_stage)
             features = [pooled]
             tokens_out = self.student_patch_head(tokens.flatten(0, 1))
             tokens_out = tokens_out.view(n_global, batch, tokens.shape[1], -1)
@@ -385,7 +397,7 @@ class DINO(TransformerMixin, BaseEstimator):
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
         """Teacher outputs (2, B, K), its token outputs (2, B, L, K) and the token grid."""
         global_views = torch.cat(list(views[: self.num_large_crops]))
-        pooled, tokens, grid = _pooled_and_tokens(self.teacher, global_views)
+        pooled, tokens, grid = _pooled_and_tokens(self.teacher, global_views, self.patch_stage)
         out = self.teacher_head(pooled).view(self.num_large_crops, -1, self.teacher_head.output_dim)
         tokens_out = self.teacher_patch_head(tokens.flatten(0, 1))
         tokens_out = tokens_out.view(
@@ -809,22 +821,43 @@ def _build_encoder(encoder: Any, encoder_kwargs: dict[str, Any]) -> nn.Module:
 
 
 def _pooled_and_tokens(
-    encoder: nn.Module, x: torch.Tensor
+    encoder: nn.Module, x: torch.Tensor, stage: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
     """The encoder's pooled features (N, F), the mean of its last feature map (as small_cnn and
-    the ResNets pool), that map's cells as tokens (N, L, F) and its grid (d, h, w)."""
+    the ResNets pool), the cells of the ``stage``-th feature map (0: the last) as tokens
+    (N, L, C) and that map's grid (d, h, w)."""
     message = (
-        "dino.patch_loss_weight > 0 needs an encoder whose last stage is a 3D feature map "
+        "dino.patch_loss_weight > 0 needs an encoder whose stages are 3D feature maps "
         f"(small_cnn, resnet*), not {type(encoder).__name__}: set dino.patch_loss_weight: 0"
     )
     try:
-        fmap = stage_outputs(encoder, x)[-1]
+        fmaps = stage_outputs(encoder, x)
     except UserError:
         raise UserError(message) from None
-    if fmap.ndim != 5:
+    if stage > len(fmaps):
+        raise UserError(
+            f"dino.patch_stage: {stage} but the encoder has {len(fmaps)} stages: set 0 (the "
+            f"last) or 1-{len(fmaps)}"
+        )
+    last, fmap = fmaps[-1], fmaps[stage - 1]
+    if last.ndim != 5 or fmap.ndim != 5:
         raise UserError(message)
     grid = tuple(int(n) for n in fmap.shape[2:])
-    return fmap.mean(dim=(2, 3, 4)), fmap.flatten(2).transpose(1, 2), grid
+    return last.mean(dim=(2, 3, 4)), fmap.flatten(2).transpose(1, 2), grid
+
+
+@torch.no_grad()
+def _stage_channels(encoder: nn.Module, stage: int) -> int:
+    """Channels of the encoder's ``stage``-th feature map, from one pass of a zero volume (32^3,
+    in eval mode so that no batch statistic moves; the mode is restored)."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        x = torch.zeros(1, int(getattr(encoder, "in_channels", 1)), 32, 32, 32)
+        _, tokens, _ = _pooled_and_tokens(encoder, x, stage)
+    finally:
+        encoder.train(was_training)
+    return int(tokens.shape[-1])
 
 
 def _check_patch_options(

@@ -104,6 +104,45 @@ def test_tokens_pool_to_the_encoders_own_features(name):
     assert tokens.shape == (2, math.prod(grid), enc.output_dim)
 
 
+def test_tokens_of_an_earlier_stage_are_its_cells_and_the_pool_stays_the_last_stages():
+    from nidl_dino.core.estimator import _pooled_and_tokens
+
+    torch.manual_seed(0)
+    enc = SmallCNN(channels=(4, 8, 16)).eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    maps = enc.stage_outputs(x)
+    pooled, tokens, grid = _pooled_and_tokens(enc, x, stage=2)
+    torch.testing.assert_close(pooled, enc(x))
+    assert grid == (4, 4, 4) and tokens.shape == (2, 64, 8)
+    # token l is the cell (l // 16, (l // 4) % 4, l % 4) of stage 2's map: row-major order
+    torch.testing.assert_close(tokens[1, 1 * 16 + 2 * 4 + 3], maps[1][1, :, 1, 2, 3])
+    _, last_tokens, last_grid = _pooled_and_tokens(enc, x, stage=0)
+    assert last_grid == (2, 2, 2) and last_tokens.shape == (2, 8, 16)
+    torch.testing.assert_close(last_tokens, _pooled_and_tokens(enc, x, stage=3)[1])
+
+
+def test_dino_with_an_earlier_patch_stage_fits_on_that_stages_grid(tmp_path):
+    from dino_fixtures import views_loader
+
+    model = _dino(patch_loss_weight=1.0, patch_stage=1, max_epochs=1, num_sanity_val_steps=0)
+    assert model.student_patch_head.mlp[0].in_features == 4  # stage 1 of channels (4, 8)
+    assert model.student.training  # the construction's dry pass left the mode as it was
+    batch = next(iter(views_loader(batch_size=4, n=4, n_local=1, global_size=16, local_size=8)))
+    _, t_tokens, grid = model._teacher_tokens_pass(batch)
+    assert grid == (8, 8, 8) and t_tokens.shape[:3] == (2, 4, 512)
+    before = [p.clone() for p in model.teacher_patch_head.parameters()]
+    model.fit(views_loader(batch_size=4, n=8, n_local=1, global_size=16, local_size=8))
+    after = list(model.teacher_patch_head.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_a_patch_stage_the_encoder_lacks_is_a_one_line_error():
+    from nidl_dino.errors import UserError
+
+    with pytest.raises(UserError, match="patch_stage: 5 but the encoder has 2 stages"):
+        _dino(patch_loss_weight=1.0, patch_stage=5)
+
+
 def test_dino_adds_the_weighted_patch_term_and_its_teacher_follows_the_ema():
     from dino_fixtures import views_loader
 
@@ -222,6 +261,8 @@ def test_dino_fits_with_per_token_centring_and_reloads(tmp_path):
         ({"patch_loss_weight": -1.0}, "patch_loss_weight"),
         ({"mask_ratio": (0.5, 0.2)}, "mask_ratio"),
         ({"mask_probability": 0.0}, "mask_probability"),
+        ({"patch_stage": -1}, "patch_stage"),
+        ({"patch_stage": 1.5}, "patch_stage"),
     ],
 )
 def test_patch_options_are_checked(options, match):
