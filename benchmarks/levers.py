@@ -149,6 +149,14 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["dino={'patch_loss_weight': 1.0, 'patch_stage': 3, 'patch_centering': 'per_token'}"],
         "ibot_stage3 with one teacher centre per token position",
     ),
+    "head_bn_off": (
+        ["dino={'proj_batch_norm': False}"],
+        "no batch norm in DINO's projection head (the DINO paper's ViT head)",
+    ),
+    "head_norm_last_off": (
+        ["dino={'proj_norm_last_layer': False}"],
+        "the head's last layer without weight normalisation (DINO: better, less stable)",
+    ),
     "gamma_mild": (
         ["views={'intensity': {'gamma': {'prob': [0.5, 0.5, 0.5], 'range': [0.8, 1.25]}}}"],
         "a mild random contrast (gamma 0.8-1.25) on half the views, against the sites' contrast",

@@ -123,7 +123,8 @@ class DINO(TransformerMixin, BaseEstimator):
             small_cnn's stage 3 has 6^3 cells on a 48^3 view where the last has 3^3, so that
             most tokens see no border of the view). The patch head's input is that stage's
             channels; the image-level features stay the last stage's. An addition of this
-            project.
+            project; on the registered demo cohorts a token's position still tells its target
+            (benchmarks/README.md, session 23).
         **kwargs: ``random_state`` (int or None), ``save_hparams`` (bool, default True),
             ``ignore`` (hyperparameter names not to save), ``inference_precision`` (precision of
             ``transform``, default ``"32-true"`` whatever the training precision), and any
