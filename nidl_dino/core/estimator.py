@@ -108,10 +108,11 @@ class DINO(TransformerMixin, BaseEstimator):
         sinkhorn_iterations: Sinkhorn-Knopp iterations when ``teacher_centering`` uses them.
         patch_loss_weight: weight of iBOT's masked-token loss (:class:`PatchDistillationLoss`;
             Zhou et al. ICLR 2022, DINOv2 uses 1.0); 0 disables it. The tokens are the cells of
-            the backbone's last feature map (small_cnn, the ResNets); a masked token's cell is
-            zeroed in the student's global view, the teacher sees the view whole; each token
-            goes through a projection head of its own (``student_patch_head``, same sizes as
-            the DINO head, untied as in DINOv2). An addition to nidl's parameters.
+            the backbone's last feature map (small_cnn, the ResNets; see ``patch_stage``); a
+            masked token's cell is zeroed in the student's global view, the teacher sees the
+            view whole; each token goes through a projection head of its own
+            (``student_patch_head``, same sizes as the DINO head, untied as in DINOv2). An
+            addition to nidl's parameters.
         mask_ratio: (min, max) share of a masked view's tokens that are masked, drawn
             uniformly per view (DINOv2: 0.1-0.5).
         mask_probability: probability that a global view of a sample is masked (DINOv2: 0.5).
@@ -421,7 +422,8 @@ class DINO(TransformerMixin, BaseEstimator):
     @staticmethod
     def mask_views(views: torch.Tensor, masks: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
         """Zero each masked token's cell of the views (N, C, D, H, W): masks (N, L) on the token
-        ``grid`` (d, h, w) of the last feature map, upsampled to the view by nearest neighbour."""
+        ``grid`` (d, h, w) of the patch stage's feature map, upsampled to the view by nearest
+        neighbour."""
         cells = masks.view(masks.shape[0], 1, *grid).to(views.dtype)
         voxels = torch.nn.functional.interpolate(cells, size=views.shape[2:], mode="nearest")
         return views * (1 - voxels)
