@@ -109,6 +109,18 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["dino={'base_lambda': 0.996, 'final_lambda': 1.0}"],
         "teacher momentum 0.996 -> 1 (the DINO paper's) instead of 0.99 -> 0.999",
     ),
+    "momentum_095": (
+        ["dino={'base_lambda': 0.95, 'final_lambda': 0.99}"],
+        "a faster teacher: momentum 0.95 -> 0.99 instead of 0.99 -> 0.999 (0.996 -> 1 was worse)",
+    ),
+    "student_temp_02": (
+        ["dino={'student_temperature': 0.2}"],
+        "student temperature 0.2 instead of 0.1 (a softer student against the sharp teacher)",
+    ),
+    "teacher_warmup": (
+        ["dino={'warmup_teacher_temp': 0.04, 'warmup_teacher_temp_epochs': 30}"],
+        "the teacher's temperature warmed up from 0.04 to 0.01 over 30 epochs (the DINO paper's kind)",
+    ),
     "affine_views": (
         ["views={'affine': {'prob': 0.5}}"],
         "random affine on each view, p 0.5 (rotation 10 deg, scale 10 %)",

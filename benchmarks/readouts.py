@@ -13,6 +13,9 @@ brain intensity histogram. Readouts:
 - ``mean_std``: per channel of every stage, spatial standard deviation and mean (the default
   ``extract.pooling: stages_mean_std``; its DINO row reproduces the workflow's);
 - ``stageK``: the same for stage K alone; ``stages12`` / ``stages34``: the finer / coarser half;
+- ``brain_mean_std``: ``mean_std`` over the brain only (each map cell weighted by its share of
+  brain voxels, area-resampled): the workflow's readout averages over the whole grid, 70 % of
+  it background on the demo grid;
 - ``brainq``: 5 quantiles (10-90 %) per channel of every stage over the brain; ``brainq12``:
   of the first two stages only;
 - ``mean_std@G``: ``mean_std`` of the volume resized (trilinear) to ``G``^3 voxels, the size of
@@ -73,6 +76,15 @@ def _mean_std(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t.flatten(2).std(dim=2, correction=0), t.flatten(2).mean(dim=2)], dim=1)
 
 
+def _brain_mean_std(t: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    weight = F.interpolate(inside, size=t.shape[2:], mode="area").flatten(2)
+    weight = weight / weight.sum(dim=2, keepdim=True).clamp_min(1e-12)
+    values = t.flatten(2)
+    mean = (values * weight).sum(dim=2)
+    std = (((values - mean[..., None]) ** 2) * weight).sum(dim=2).sqrt()
+    return torch.cat([std, mean], dim=1)
+
+
 def _brain_quantiles(t: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     mask = F.interpolate(inside, size=t.shape[2:], mode="area").flatten(1) > 0.5
     values = t.flatten(2)
@@ -92,6 +104,7 @@ def readouts(stages: list[torch.Tensor], x: torch.Tensor) -> dict[str, np.ndarra
         out[f"stage{k}"] = t
     out["stages12"] = torch.cat(per_stage[:half], dim=1)
     out["stages34"] = torch.cat(per_stage[half:], dim=1)
+    out["brain_mean_std"] = torch.cat([_brain_mean_std(t, inside) for t in stages], dim=1)
     out["brainq"] = torch.cat(quantiles, dim=1)
     out["brainq12"] = torch.cat(quantiles[:half], dim=1)
     return {name: t.numpy() for name, t in out.items()}

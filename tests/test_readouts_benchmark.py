@@ -42,3 +42,25 @@ def test_mean_std_at_size_reads_the_volume_as_the_global_views_show_it():
     expected = readouts.readouts(readouts.stage_maps(encoder, blocks), blocks)["mean_std"]
     assert out.shape == expected.shape
     assert np.allclose(out, expected, atol=1e-5)
+
+
+def test_brain_mean_std_summarises_the_brain_cells_only():
+    readouts = load_benchmark("readouts")
+    torch.manual_seed(2)
+    # a map whose brain (the input's non-zero region) is whole cells of the map: the weighted
+    # mean and spread are the plain ones over those cells
+    x = torch.zeros(2, 1, 8, 8, 8)
+    x[:, :, :4] = torch.rand(2, 1, 4, 8, 8) + 0.5
+    t = torch.randn(2, 3, 4, 4, 4)  # a stage at half the resolution: brain = its first 2 slabs
+    out = readouts._brain_mean_std(t, (x != 0).float())
+    inside = t[:, :, :2].flatten(2)
+    expected_mean = inside.mean(dim=2)
+    expected_std = inside.std(dim=2, correction=0)
+    assert torch.allclose(out, torch.cat([expected_std, expected_mean], dim=1), atol=1e-5)
+    # the background no longer counts: changing it leaves the readout as it was
+    t2 = t.clone()
+    t2[:, :, 2:] += 100.0
+    assert torch.allclose(readouts._brain_mean_std(t2, (x != 0).float()), out, atol=1e-5)
+    full = readouts.readouts([t, t[:, :, ::2, ::2, ::2]], x)
+    assert full["brain_mean_std"].shape == (2, 12)
+    assert np.allclose(full["brain_mean_std"][:, :6], out.numpy(), atol=1e-5)
