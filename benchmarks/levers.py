@@ -121,6 +121,11 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["dino={'warmup_teacher_temp': 0.04, 'warmup_teacher_temp_epochs': 30}"],
         "the teacher's temperature warmed up from 0.04 to 0.01 over 30 epochs (the DINO paper's kind)",
     ),
+    "sgd": (
+        ["dino={'optimizer': 'sgd', 'learning_rate': 0.03, 'weight_decay': 0.0001}"],
+        "SGD (momentum 0.9), lr 0.03, weight decay 1e-4: the DINO repository's ResNet-50 recipe"
+        " (its base lr, for batch 256, unscaled) instead of AdamW",
+    ),
     "affine_views": (
         ["views={'affine': {'prob': 0.5}}"],
         "random affine on each view, p 0.5 (rotation 10 deg, scale 10 %)",
