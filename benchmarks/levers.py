@@ -117,6 +117,10 @@ LEVERS: dict[str, tuple[list[str], str]] = {
         ["dino={'student_temperature': 0.2}"],
         "student temperature 0.2 instead of 0.1 (a softer student against the sharp teacher)",
     ),
+    "student_temp_02_seed_1": (
+        ["dino={'student_temperature': 0.2}", "seed=1"],
+        "student_temp_02 at training seed 1 (compare with seed_1)",
+    ),
     "teacher_warmup": (
         ["dino={'warmup_teacher_temp': 0.04, 'warmup_teacher_temp_epochs': 30}"],
         "the teacher's temperature warmed up from 0.04 to 0.01 over 30 epochs (the DINO paper's kind)",
