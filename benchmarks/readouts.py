@@ -14,8 +14,8 @@ brain intensity histogram. Readouts:
   ``extract.pooling: stages_mean_std``; its DINO row reproduces the workflow's);
 - ``stageK``: the same for stage K alone; ``stages12`` / ``stages34``: the finer / coarser half;
 - ``brain_mean_std``: ``mean_std`` over the brain only (each map cell weighted by its share of
-  brain voxels, area-resampled): the workflow's readout averages over the whole grid, 70 % of
-  it background on the demo grid;
+  the input's non-zero voxels, the dilated brain mask, area-resampled): the workflow's readout
+  averages over the whole grid, about 70 % of it background on the demo grid;
 - ``brainq``: 5 quantiles (10-90 %) per channel of every stage over the brain; ``brainq12``:
   of the first two stages only;
 - ``mean_std@G``: ``mean_std`` of the volume resized (trilinear) to ``G``^3 voxels, the size of
